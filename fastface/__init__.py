@@ -1,0 +1,32 @@
+"""fastface: a fast runtime for unified face models (describe faces, draw faces from fine-grained text).
+
+    import fastface
+    pipe = fastface.load()                                   # embedded default model, offline
+    images = pipe.generate(["a smiling woman with red hair"], steps=16, guidance=2.0, seed=0)
+    answers = pipe.answer(images, ["what colour is her hair?"])
+"""
+
+from fastface import ops
+from fastface.config import PRESETS, FaceConfig
+
+__version__ = "0.1.0"
+
+
+def load(path=None, *, backend="auto", dtype="float32"):
+    """Load a checkpoint directory (default: the embedded face model) as a ``Pipeline``."""
+    from fastface.pipeline import load as _load
+
+    return _load(path, backend=backend, dtype=dtype)
+
+
+def _register_integrations():
+    try:
+        from fastface import hf
+    except ImportError:  # transformers is optional
+        return
+    hf.register()
+
+
+_register_integrations()
+
+__all__ = ["FaceConfig", "PRESETS", "load", "ops", "__version__"]

@@ -1,0 +1,482 @@
+"""End-to-end throughput: image tokens per second (generation) and text tokens per second (answering).
+
+    fastface bench                                   # face-s shape, batch 1/4/16, 16 steps, guidance 2
+    fastface bench --batch 4 --json out.json --plot out.png
+
+Every case runs in one process, the reference included, so ratios are comparable even on a busy machine: each
+case is warmed up, then timed ``--repeats`` times; the JSON holds every run's seconds, their median and spread
+(min, max), tokens per second, latency per request, a time breakdown of the engine (attention, MoE, LM head,
+sampler, …) and the machine (CPU, threads, load average, versions, git commit, time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastface.config import FaceConfig
+
+
+@dataclass
+class Subject:
+    """What is benchmarked: a model (one per dtype), its prompts and, when there is one, its image tokenizer."""
+
+    models: dict  # dtype name -> FaceTransformer
+    config: FaceConfig
+    image_tokenizer: object | None
+    tokenizer: object | None
+    source: str
+
+
+def load_subject(model_path: str | None, preset: str, dtypes) -> Subject:
+    """The checkpoint at ``model_path``, else the embedded model, else random weights of ``preset``."""
+    from fastface.checkpoint import load_checkpoint
+    from fastface.model import FaceTransformer
+    from fastface.pipeline import DEFAULT_MODEL
+
+    path = Path(model_path) if model_path else (DEFAULT_MODEL if (DEFAULT_MODEL / "config.json").is_file() else None)
+    models = {}
+    if path is not None:
+        model, tokenizer, image_tokenizer, _ = load_checkpoint(path)
+        source = str(path)
+        config = model.config
+    else:
+        config = FaceConfig.from_name(preset)
+        model = FaceTransformer(config)
+        model.reset_parameters(0)
+        with torch.no_grad():  # random weights: sharpen the head so decoding is not uniform noise
+            model.lm_head.weight.mul_(10)
+        tokenizer = image_tokenizer = None
+        source = f"random weights, preset {preset}"
+    model.eval()
+    for d in dtypes:
+        models[d] = model if d == "float32" else _copy_as(model, d)
+    return Subject(models, config, image_tokenizer, tokenizer, source)
+
+
+def _copy_as(model, dtype_name):
+    import copy
+
+    return copy.deepcopy(model).to(getattr(torch, dtype_name)).eval()
+
+
+def prompt_ids(config: FaceConfig, batch: int, seed: int = 0) -> torch.Tensor:
+    """[batch, P] t2i prompts of 6..14 random words (the face-world captions' length range, capped to fit P)."""
+    from fastface.prompts import t2i_prompt_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(batch):
+        n = min(int(torch.randint(6, 15, (1,), generator=gen)), config.max_text_len - 3)
+        texts.append(torch.randint(8, config.text_vocab_size, (n,), generator=gen).tolist())
+    return t2i_prompt_ids(texts, config)
+
+
+def question_ids(config: FaceConfig, batch: int, seed: int = 0) -> torch.Tensor:
+    """[batch, L] left-padded mmu prompts: random images and questions of 3..7 words."""
+    from fastface.prompts import mmu_prompt_ids
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    img = torch.randint(0, config.codebook_size, (batch, config.image_tokens), generator=gen)
+    qs = [torch.randint(8, config.text_vocab_size, (int(torch.randint(3, 8, (1,), generator=gen)),),
+                        generator=gen).tolist() for _ in range(batch)]
+    return mmu_prompt_ids(img, qs, config)
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+def _generate(model, backend, ids, steps, guidance, seeds, timers=None, threshold=None):
+    from fastface.sampling import generate_image_tokens
+
+    if backend == "reference":
+        model.set_backend("reference")
+        return generate_image_tokens(model, ids, steps=steps, guidance=guidance, seeds=seeds, backend="reference")
+    engine = _engine(model, backend)
+    return engine.generate_image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds, timers=timers,
+                                        threshold=threshold)
+
+
+def _answer(model, backend, ids, max_new, timers=None):
+    from fastface.sampling import generate_answer_ids
+
+    kw = dict(max_new_tokens=max_new, allowed_vocab=model.config.text_vocab_size)
+    if backend == "reference":
+        model.set_backend("reference")
+        return generate_answer_ids(model, ids, **kw)
+    return _engine(model, backend).generate_answer_ids(ids, timers=timers, **kw)
+
+
+_ENGINES: dict = {}
+
+
+def _engine(model, backend):
+    from fastface.engine import Engine
+
+    key = (id(model), backend)
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(model, backend=backend)
+    return _ENGINES[key]
+
+
+def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _summary(seconds: list[float], tokens: int) -> dict:
+    med = statistics.median(seconds)
+    return dict(seconds=[round(s, 5) for s in seconds], median_s=round(med, 5), min_s=round(min(seconds), 5),
+                max_s=round(max(seconds), 5), tokens=tokens, tokens_per_s=round(tokens / med, 2),
+                tokens_per_s_spread=[round(tokens / max(seconds), 2), round(tokens / min(seconds), 2)])
+
+
+def usable_backends(requested) -> list[str]:
+    """The requested backends that run here (triton only on CUDA or under TRITON_INTERPRET=1; the interpreter is
+    a correctness tool, too slow to benchmark, so triton is dropped on the CPU)."""
+    from fastface import backends
+
+    out = []
+    for b in requested:
+        if b == "triton" and not (torch.cuda.is_available() and backends.triton_usable("cuda")):
+            continue
+        if b == "cpp" and not backends.available("grouped_moe", "cpp", "cpu"):
+            continue
+        out.append(b)
+    return out
+
+
+def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, repeats, warmup, answer=True,
+              breakdown=True, reference_dtypes=("float32",), progress=None) -> list[dict]:
+    """Every (task, backend, dtype, batch) case: a list of result dicts."""
+    from fastface.engine import Timers
+
+    cfg = subject.config
+    cases = []
+    for backend in backends_:
+        for dtype in dtypes:
+            if backend == "reference" and dtype not in reference_dtypes:
+                continue
+            for batch in batches:
+                cases.append((backend, dtype, batch))
+    results = []
+    for backend, dtype, batch in cases:
+        model = subject.models[dtype]
+        ids = prompt_ids(cfg, batch)
+        seeds = list(range(batch))
+        for _ in range(warmup):
+            _generate(model, backend, ids, min(steps, 2), guidance, seeds)
+        holder = {}
+
+        def gen(model=model, backend=backend, ids=ids, seeds=seeds, holder=holder):
+            holder["tokens"] = _generate(model, backend, ids, steps, guidance, seeds)
+
+        secs = _time(gen, repeats)
+        row = dict(task="generate", backend=backend, dtype=dtype, batch=batch, steps=steps, guidance=guidance,
+                   **_summary(secs, batch * cfg.image_tokens))
+        row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
+        if breakdown and backend != "reference":
+            timers = Timers()
+            t0 = time.perf_counter()
+            _generate(model, backend, ids, steps, guidance, seeds, timers=timers)
+            total = time.perf_counter() - t0
+            parts = dict(timers.seconds)
+            if subject.image_tokenizer is not None:
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    subject.image_tokenizer.decode(holder["tokens"])
+                parts["tokenizer_decode"] = time.perf_counter() - t1
+                total += parts["tokenizer_decode"]
+            parts["other"] = max(0.0, total - sum(parts.values()))
+            row["breakdown_s"] = {k: round(v, 5) for k, v in parts.items()}
+        results.append(row)
+        if progress:
+            progress(row)
+        if answer:
+            qids = question_ids(cfg, batch)
+            max_new = cfg.max_answer_len
+            for _ in range(warmup):
+                _answer(model, backend, qids, max_new)
+            out = {}
+
+            def ans(model=model, backend=backend, qids=qids, out=out, max_new=max_new):
+                out["a"] = _answer(model, backend, qids, max_new)
+
+            secs = _time(ans, repeats)
+            produced = sum(len(a) for a in out["a"])
+            row = dict(task="answer", backend=backend, dtype=dtype, batch=batch, max_new_tokens=max_new,
+                       prompt_tokens=int(qids.numel()), **_summary(secs, max(produced, 1)))
+            row["latency_per_request_s"] = row["median_s"]
+            if breakdown and backend != "reference":
+                timers = Timers()
+                _answer(model, backend, qids, max_new, timers=timers)
+                row["breakdown_s"] = {k: round(v, 5) for k, v in timers.seconds.items()}
+            results.append(row)
+            if progress:
+                progress(row)
+    _add_speedups(results)
+    return results
+
+
+def _add_speedups(results):
+    ref = {(r["task"], r["batch"]): r["tokens_per_s"] for r in results if r["backend"] == "reference"
+           and r["dtype"] == "float32"}
+    for r in results:
+        base = ref.get((r["task"], r["batch"]))
+        if base:
+            r["speedup_vs_reference"] = round(r["tokens_per_s"] / base, 2)
+
+
+def threshold_study(subject: Subject, *, backend, dtype, batch, steps, guidance, thresholds) -> list[dict]:
+    """Confidence-threshold decoding: forward passes run and token agreement with the scheduled decoder."""
+    model = subject.models[dtype]
+    ids = prompt_ids(subject.config, batch)
+    seeds = list(range(batch))
+    base = _generate(model, backend, ids, steps, guidance, seeds)
+    rows = []
+    for thr in thresholds:
+        engine = _engine(model, backend)
+        t0 = time.perf_counter()
+        tokens = engine.generate_image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds, threshold=thr)
+        secs = time.perf_counter() - t0
+        run = engine.last_stats.steps_run
+        rows.append(dict(threshold=thr, steps=steps, steps_run=run, steps_saved=steps - run, seconds=round(secs, 4),
+                         token_agreement_with_schedule=round(float((tokens == base).float().mean()), 4)))
+    return rows
+
+
+def bf16_agreement(subject: Subject, *, backend, batch, steps, guidance) -> dict:
+    """Token agreement of the bfloat16 engine with the float32 engine (same prompts and seeds)."""
+    ids = prompt_ids(subject.config, batch)
+    seeds = list(range(batch))
+    a = _generate(subject.models["float32"], backend, ids, steps, guidance, seeds)
+    b = _generate(subject.models["bfloat16"], backend, ids, steps, guidance, seeds)
+    return dict(batch=batch, steps=steps, token_agreement=round(float((a == b).float().mean()), 4))
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def machine_info() -> dict:
+    import numpy
+
+    import fastface
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = dict(time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), platform=platform.platform(),
+                python=platform.python_version(), cpu=cpu, cpu_count=os.cpu_count(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), numpy=numpy.__version__, fastface=fastface.__version__,
+                git_commit=commit, cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'task':9} {'backend':10} {'dtype':9} {'batch':>5} {'tokens/s':>10} {'spread':>17} "
+             f"{'latency s':>10} {'x ref':>6}"]
+    for r in results:
+        lo, hi = r["tokens_per_s_spread"]
+        lines.append(f"{r['task']:9} {r['backend']:10} {r['dtype']:9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
+                     f"{f'{lo:.1f}-{hi:.1f}':>17} {r['latency_per_request_s']:>10.3f} "
+                     f"{r.get('speedup_vs_reference', float('nan')):>6.2f}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path, task: str = "generate"):
+    """tokens/s against batch, one line per (backend, dtype); matplotlib when installed, else drawn with PIL."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if r["task"] == task:
+            series.setdefault(f"{r['backend']} {r['dtype']}", []).append((r["batch"], r["tokens_per_s"]))
+    for pts in series.values():
+        pts.sort()
+    unit = "image tokens/s" if task == "generate" else "text tokens/s"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_pil(series, path, unit)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, pts in series.items():
+        ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel(unit)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _plot_pil(series, path, unit):
+    import math
+
+    from PIL import Image, ImageDraw
+
+    W, H, left, right, top, bottom = 720, 480, 80, 190, 30, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    batches = sorted({b for pts in series.values() for b, _ in pts}) or [1]
+    vmax = max([v for pts in series.values() for _, v in pts] + [1.0])
+    xs = [math.log2(b) for b in batches]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def px(b, v):
+        x = left + (math.log2(b) - x0) / (x1 - x0) * (W - left - right)
+        y = H - bottom - v / (vmax * 1.1) * (H - top - bottom)
+        return x, y
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(6):  # y grid and labels
+        v = vmax * 1.1 * i / 5
+        _, y = px(batches[0], v)
+        d.line([left, y, W - right, y], fill=(225, 225, 225))
+        d.text((5, y - 6), f"{v:.0f}", fill="black")
+    for b in batches:
+        x, _ = px(b, 0)
+        d.text((x - 4, H - bottom + 6), str(b), fill="black")
+    d.text(((W - right + left) // 2 - 15, H - bottom + 26), "batch", fill="black")
+    d.text((5, 8), unit, fill="black")
+    for k, (name, pts) in enumerate(series.items()):
+        color = _COLORS[k % len(_COLORS)]
+        coords = [px(b, v) for b, v in pts]
+        if len(coords) > 1:
+            d.line(coords, fill=color, width=2)
+        for x, y in coords:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        d.line([W - right + 12, top + 10 + 18 * k, W - right + 32, top + 10 + 18 * k], fill=color, width=3)
+        d.text((W - right + 38, top + 4 + 18 * k), name, fill="black")
+    img.save(path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    from fastface.cli import _positive_int
+
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model if installed, "
+                   "else random weights of --preset)")
+    p.add_argument("--preset", default="face-s", help="model shape for random weights (default: face-s)")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 4, 16], help="batch sizes (default: 1 4 16)")
+    p.add_argument("--steps", type=_positive_int, default=16, help="decoding steps per image (default: 16)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight (default: 2.0)")
+    p.add_argument("--backends", nargs="+", default=["reference", "auto"],
+                   choices=["reference", "auto", "cpp", "triton"],
+                   help="backends to compare (default: reference auto); unusable ones are skipped")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="transformer precisions (default: float32 bfloat16; the reference runs in float32)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per case (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed short runs per case first (default: 1)")
+    p.add_argument("--no-answer", action="store_true", help="skip the answering (text tokens/s) cases")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.7, 0.9],
+                   help="confidence thresholds to study at the largest batch (steps saved, agreement); "
+                   "give none to skip")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the results as JSON here (default: print only)")
+    p.add_argument("--plot", default=None, help="write a PNG of image tokens/s against batch per backend here")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends_ = usable_backends(args.backends)
+    if not backends_:
+        raise ValueError(f"none of the backends {args.backends} can run on this machine")
+    subject = load_subject(args.model, args.preset, args.dtypes)
+    engine_backends = [b for b in backends_ if b != "reference"]
+    n_cases = sum(len(args.batch) * (1 if b == "reference" else len(args.dtypes)) for b in backends_)
+    n_cases *= 1 if args.no_answer else 2
+    info = machine_info()
+    bar = tqdm(total=n_cases, desc="bench", unit="case", file=sys.stderr, delay=1.0)
+
+    partial = []
+
+    def progress(row):
+        partial.append(row)
+        if args.json:  # written after every case, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(dict(machine=info, partial=True, results=partial), indent=2))
+        bar.update(1)
+        bar.set_postfix_str(f"{row['task']} {row['backend']} {row['dtype']} b{row['batch']}: "
+                            f"{row['tokens_per_s']:.0f} tok/s")
+
+    results = run_cases(subject, backends_=backends_, dtypes=args.dtypes, batches=args.batch, steps=args.steps,
+                        guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, answer=not args.no_answer,
+                        progress=progress)
+    bar.close()
+    report = dict(machine=info, model=subject.source, config=subject.config.to_dict(), results=results)
+    if engine_backends and args.thresholds:
+        report["threshold_decoding"] = threshold_study(
+            subject, backend=engine_backends[0], dtype=args.dtypes[0], batch=max(args.batch), steps=args.steps,
+            guidance=args.guidance, thresholds=args.thresholds)
+    if engine_backends and {"float32", "bfloat16"} <= set(args.dtypes):
+        report["bf16_agreement"] = bf16_agreement(subject, backend=engine_backends[0], batch=max(args.batch),
+                                                  steps=args.steps, guidance=args.guidance)
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") \
+        else None
+    print(f"model: {subject.source}; steps {args.steps}, guidance {args.guidance}; {info['cpu']}, "
+          f"{info['torch_threads']} threads")
+    print(format_table(results))
+    for r in results:
+        if "breakdown_s" in r and r["task"] == "generate":
+            total = sum(r["breakdown_s"].values())
+            parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in r["breakdown_s"].items())
+            print(f"breakdown {r['backend']} {r['dtype']} b{r['batch']}: {parts}")
+    for row in report.get("threshold_decoding", []):
+        print(f"threshold {row['threshold']}: {row['steps_run']}/{row['steps']} steps, "
+              f"agreement with the schedule {row['token_agreement_with_schedule']:.3f}")
+    if "bf16_agreement" in report:
+        print(f"bf16 vs fp32 token agreement: {report['bf16_agreement']['token_agreement']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastface bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["run_cases", "machine_info", "plot", "format_table", "threshold_study", "bf16_agreement", "main"]

@@ -1,0 +1,196 @@
+"""Checkpoints: a directory, never pickle.
+
+    config.json                  {"format_version": 1, "model_type": "fastface", "dtype": ..., "model": {...},
+                                  "image_tokenizer": {...} | null}
+    model.safetensors            transformer weights (names of ``FaceTransformer.state_dict()``)
+    tokenizer.json               HF ``tokenizers`` text tokenizer (special tokens at ids 0..7)
+    image_tokenizer.safetensors  VQ image tokenizer weights (when the config names one)
+
+Loading validates everything before building anything: a missing file, an unreadable or truncated
+safetensors file, a wrong format version, an unknown config field, missing or unexpected tensors, a shape or
+dtype mismatch -- each raises ``CheckpointError`` (a ``ValueError``) naming the file, key or field.
+Files are written to a temporary name and renamed, so an interrupted save never leaves a half-written file
+under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from fastface.config import SPECIAL_TOKENS, FaceConfig
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "fastface"
+CONFIG_FIELDS = {"format_version", "model_type", "dtype", "model", "image_tokenizer"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message names the culprit."""
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported checkpoint dtype {dtype}")
+
+
+def save_checkpoint(path, model, tokenizer, image_tokenizer=None, *, dtype: str | None = None) -> Path:
+    """Write ``model`` (a FaceTransformer), ``tokenizer`` (tokenizers.Tokenizer) and optionally the image
+    tokenizer (an object with ``config.to_dict()`` and ``state_dict()``) to directory ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    stored = dtype or dtype_name(next(iter(state.values())).dtype)
+    _atomic_write(path / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(path / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    vq_config = None
+    if image_tokenizer is not None:
+        vq_state = {k: v.detach().contiguous() for k, v in image_tokenizer.state_dict().items()}
+        _atomic_write(path / "image_tokenizer.safetensors", lambda p: save_file(vq_state, str(p)))
+        vq_config = image_tokenizer.config.to_dict()
+    config = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": stored,
+              "model": model.config.to_dict(), "image_tokenizer": vq_config}
+    _atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return path
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    unknown = sorted(set(config) - CONFIG_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{file}: unknown field(s) {', '.join(map(repr, unknown))}")
+    missing = sorted({"format_version", "model_type", "model"} - set(config))
+    if missing:
+        raise CheckpointError(f"{file}: missing field(s) {', '.join(map(repr, missing))}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {config['format_version']!r} is not supported "
+                              f"(this fastface reads version {FORMAT_VERSION})")
+    if config["model_type"] != MODEL_TYPE:
+        raise CheckpointError(f"{file}: model_type {config['model_type']!r} is not {MODEL_TYPE!r}")
+    if config.get("dtype", "float32") not in DTYPES:
+        raise CheckpointError(f"{file}: dtype {config['dtype']!r} is not one of {sorted(DTYPES)}")
+    try:
+        config["model"] = FaceConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: field 'model': {exc}") from None
+    return config
+
+
+def read_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checking it holds exactly ``expected``'s keys with their shapes and ``dtype``."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected))
+            if missing:
+                raise CheckpointError(f"{file}: missing tensor(s) {', '.join(missing[:5])}"
+                                      f"{' …' if len(missing) > 5 else ''}")
+            if unexpected:
+                raise CheckpointError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                                      f"{' …' if len(unexpected) > 5 else ''}")
+            tensors = {}
+            for key in sorted(keys):
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                          f"expected {tuple(expected[key].shape)}")
+                if t.dtype != dtype:
+                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
+                tensors[key] = t
+    except SafetensorError as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc})") from None
+    return tensors
+
+
+def load_tokenizer(file: Path, config: FaceConfig):
+    from tokenizers import Tokenizer
+
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise CheckpointError(f"{file}: not a readable tokenizer ({exc})") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != config.text_vocab_size:
+        raise CheckpointError(f"{file}: vocabulary has {size} tokens, config text_vocab_size is "
+                              f"{config.text_vocab_size}")
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != i:
+            raise CheckpointError(f"{file}: special token {token!r} must have id {i}, "
+                                  f"got {tokenizer.token_to_id(token)}")
+    return tokenizer
+
+
+def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
+    """Load and validate a checkpoint directory -> (model, tokenizer, image_tokenizer or None, config dict).
+
+    ``dtype`` casts the transformer after loading (default: the stored dtype).
+    """
+    from fastface.model import FaceTransformer
+
+    path = Path(path)
+    config = read_config(path)
+    cfg: FaceConfig = config["model"]
+    stored = DTYPES[config.get("dtype", "float32")]
+    with torch.device("meta"):
+        skeleton = FaceTransformer(cfg)
+    tensors = read_tensors(path / "model.safetensors", skeleton.state_dict(), stored)
+    tokenizer = load_tokenizer(path / "tokenizer.json", cfg)
+    image_tokenizer = None
+    if config.get("image_tokenizer") is not None:
+        from fastface.vq import VQModel
+
+        vq_config = config["image_tokenizer"]
+        try:
+            image_tokenizer = VQModel.from_config_dict(vq_config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path / 'config.json'}: field 'image_tokenizer': {exc}") from None
+        vq_expected = image_tokenizer.state_dict()
+        vq_dtype = next(iter(vq_expected.values())).dtype
+        image_tokenizer.load_state_dict(read_tensors(path / "image_tokenizer.safetensors", vq_expected, vq_dtype))
+        image_tokenizer.eval()
+    model = FaceTransformer(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    model = model.to(dtype or torch.float32).eval()
+    return model, tokenizer, image_tokenizer, config

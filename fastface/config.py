@@ -1,0 +1,171 @@
+"""Model configuration: one dataclass, named presets.
+
+Vocabulary layout (ids of the unified transformer):
+
+    [0, text_vocab_size)                         text tokenizer ids; ids 0..7 are the special tokens
+    [text_vocab_size, text_vocab_size + K)       image codebook (K = codebook_size)
+    text_vocab_size + K                          <mask>
+
+Sequence layouts (Show-o):
+
+    t2i: <pad>… <t2i> <bos> text <eos> <soi> img_1 … img_N <eoi>      (prompt left-padded to max_text_len)
+    mmu: <pad>… <mmu> <soi> img_1 … img_N <eoi> <bos> question … answer <eos>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<t2i>", "<mmu>", "<soi>", "<eoi>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, T2I_ID, MMU_ID, SOI_ID, EOI_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+
+# Expert groups of both MoE levels: a token's group is its sequence's task.
+GROUP_UNDERSTANDING = 0  # mmu
+GROUP_GENERATION = 1  # t2i
+
+# Sequence-level experts, in router order, per group (DESIGN.md "Grouped sequence-level MoE").
+SEQ_EXPERTS = {
+    GROUP_UNDERSTANDING: ("semantic", "identity", "copy", "copy"),
+    GROUP_GENERATION: ("copy", "zero", "noise", "copy"),
+}
+
+
+@dataclass
+class FaceConfig:
+    """Shape and hyper-parameters of a UniF²ace-style model.
+
+    Derived fields (``head_dim``, ``image_tokens``, ``mask_token_id``, ``vocab_size``) are computed in
+    ``__post_init__`` and are not part of the serialised config.
+    """
+
+    name: str = "custom"
+    # vocabulary
+    text_vocab_size: int = 64  # includes the 8 special tokens
+    codebook_size: int = 64
+    # transformer
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    max_text_len: int = 16  # prompt length incl. <t2i> <bos> … <eos>, left-padded
+    max_answer_len: int = 16
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    # image
+    image_size: int = 64
+    image_grid: int = 4  # tokens per side: N = image_grid ** 2
+    # grouped token-level MoE
+    num_groups: int = 2
+    num_experts: int = 4  # routed experts per group (E)
+    num_shared_experts: int = 1  # always-on experts per group (S)
+    top_k: int = 2
+    expert_ffn_size: int = 32  # F
+    shared_ffn_size: int = 32  # Fs
+    normalize_topk: bool = True
+    router_aux_loss_coef: float = 0.01
+    # grouped sequence-level MoE (4 experts per group, top-2; see SEQ_EXPERTS)
+    seq_num_experts: int = 4
+    seq_top_k: int = 2
+    seq_noise_std: float = 0.1  # sigma of the Noise expert, training only
+    sem_dim: int = 16  # e_sem width (CLIP-like semantic embedding)
+    id_dim: int = 16  # e_id width (face-recognition identity embedding)
+    # D3Diff loss
+    d3diff_alpha: float = 0.1
+    d3diff_r_max: float | None = 10.0  # clip of r = 1 / (e^sigma - 1); None = no clip
+    # training
+    cond_dropout: float = 0.1  # probability of replacing a t2i prompt by the empty prompt
+    # derived
+    head_dim: int = field(init=False, repr=False)
+    image_tokens: int = field(init=False, repr=False)
+    mask_token_id: int = field(init=False, repr=False)
+    vocab_size: int = field(init=False, repr=False)
+
+    def __post_init__(self):
+        for name in ("text_vocab_size", "codebook_size", "hidden_size", "num_layers", "num_heads", "image_grid",
+                     "num_experts", "top_k", "expert_ffn_size", "max_text_len", "num_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive int, got {value!r}")
+        if self.text_vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(f"text_vocab_size={self.text_vocab_size} must exceed the {len(SPECIAL_TOKENS)} specials")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.num_groups != 2:
+            raise ValueError(f"num_groups={self.num_groups}: the model has 2 groups (understanding, generation)")
+        if self.seq_num_experts != 4 or self.seq_top_k != 2:
+            raise ValueError("the sequence-level MoE has 4 experts per group with top-2 routing")
+        if self.num_shared_experts < 0 or (self.num_shared_experts and self.shared_ffn_size <= 0):
+            raise ValueError("num_shared_experts must be >= 0 with a positive shared_ffn_size")
+        self.head_dim = self.hidden_size // self.num_heads
+        self.image_tokens = self.image_grid**2
+        self.mask_token_id = self.text_vocab_size + self.codebook_size
+        self.vocab_size = self.mask_token_id + 1
+
+    @property
+    def image_token_offset(self) -> int:
+        """Id of codebook entry 0 in the unified vocabulary."""
+        return self.text_vocab_size
+
+    @property
+    def t2i_length(self) -> int:
+        """Length of a t2i sequence: prompt + <soi> + N image tokens + <eoi>."""
+        return self.max_text_len + self.image_tokens + 2
+
+    def num_parameters(self) -> int:
+        """Parameter count of the transformer (excluding the image tokenizer)."""
+        h, f, fs = self.hidden_size, self.expert_ffn_size, self.shared_ffn_size
+        g, e, s = self.num_groups, self.num_experts, self.num_shared_experts
+        attn = 4 * h * h
+        moe = g * (e * h + e * 3 * h * f + s * 3 * h * fs)
+        seq = g * (self.seq_num_experts * h) + h * (self.sem_dim + self.id_dim)
+        norms = 3 * 2 * h
+        return 2 * self.vocab_size * h + self.num_layers * (attn + moe + seq + norms) + 2 * h
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FaceConfig:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(map(repr, unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> FaceConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # unit tests: a full forward takes milliseconds
+    "tiny": dict(
+        text_vocab_size=64, codebook_size=64, hidden_size=32, num_layers=2, num_heads=4, max_text_len=16,
+        max_answer_len=8, image_grid=4, num_experts=4, num_shared_experts=1, top_k=2, expert_ffn_size=24,
+        shared_ffn_size=24, sem_dim=8, id_dim=8,
+    ),
+    # the embedded default: 64x64 faces as 16x16 = 256 tokens
+    "face-s": dict(
+        text_vocab_size=256, codebook_size=512, hidden_size=256, num_layers=5, num_heads=8, max_text_len=64,
+        max_answer_len=8, image_grid=16, num_experts=4, num_shared_experts=1, top_k=2, expert_ffn_size=192,
+        shared_ffn_size=256, sem_dim=64, id_dim=64,
+    ),
+    # Show-o / Phi-1.5 scale: memory planning and kernel benchmarks only
+    "showo-1b": dict(
+        text_vocab_size=50295, codebook_size=8192, hidden_size=2048, num_layers=24, num_heads=32, max_text_len=128,
+        max_answer_len=64, image_grid=16, num_experts=8, num_shared_experts=1, top_k=2, expert_ffn_size=2048,
+        shared_ffn_size=2048, sem_dim=768, id_dim=512,
+    ),
+}
+
+
+def cosine_schedule(ratio: float) -> float:
+    """Fraction of image tokens still masked at progress ``ratio`` in [0, 1]."""
+    return math.cos(math.pi / 2 * ratio)

@@ -1,0 +1,80 @@
+"""Face-world training data for the transformer: image tokens, captions, question-answer pairs.
+
+Faces are rendered once and encoded by the image tokenizer once; captions and questions are drawn fresh
+for every use from the example's own generator (so a face is described in many ways over training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastface.config import FaceConfig
+
+DEFAULT_IMAGE_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "face-s"
+QA_PER_EXAMPLE = 3  # question-answer turns per understanding example (more supervised tokens per image)
+
+
+def _np_rng(gen: torch.Generator) -> np.random.Generator:
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+
+
+def load_image_tokenizer(path=None):
+    """The image tokenizer at ``path`` (a .safetensors file, or a directory holding image_tokenizer.safetensors)."""
+    from fastface.vq import VQModel
+
+    path = Path(DEFAULT_IMAGE_TOKENIZER if path is None else path)
+    if path.is_dir():
+        path = path / "image_tokenizer.safetensors"
+    return VQModel.load(path)
+
+
+@torch.no_grad()
+def encode_images(image_tokenizer, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """uint8 [n, 64, 64, 3] -> codebook ids [n, N]."""
+    out = [image_tokenizer.encode(torch.from_numpy(images[i : i + batch])) for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@dataclass
+class FaceWorldData:
+    """Training examples over a fixed set of rendered, tokenized faces."""
+
+    config: FaceConfig
+    attrs: list
+    image_tokens: torch.Tensor  # [n, N] int64
+    tokenizer: object
+    image_tokenizer: object
+
+    def __len__(self):
+        return len(self.attrs)
+
+    @classmethod
+    def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True):
+        from fastface.data.faceworld import make_dataset
+        from fastface.tokenizer import default_text_tokenizer
+
+        if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
+            image_tokenizer = load_image_tokenizer(image_tokenizer)
+        data = make_dataset(faces, seed=seed, captions=False)
+        tokens = encode_images(image_tokenizer, data["images"])
+        return cls(config, data["attrs"], tokens, default_text_tokenizer(config.text_vocab_size),
+                   image_tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def t2i_example(self, index: int, gen: torch.Generator):
+        from fastface.data.text import caption
+
+        text = caption(self.attrs[index], _np_rng(gen), max_tokens=self.config.max_text_len - 3)
+        return self.encode(text), self.image_tokens[index]
+
+    def mmu_example(self, index: int, gen: torch.Generator):
+        from fastface.data.text import vqa_pairs
+
+        pairs = vqa_pairs(self.attrs[index], _np_rng(gen), QA_PER_EXAMPLE)
+        return self.image_tokens[index], [(self.encode(q), self.encode(a)) for q, a in pairs]

@@ -1,0 +1,338 @@
+"""The UniF²ace-style unified transformer: reference model.
+
+Legend: B sequences, L sequence length, H hidden, nh heads, hd head dim, G expert groups (task),
+E routed experts, S shared experts, F expert ffn width, V unified vocabulary.
+
+Block:  x += Attn(LN(x));  x += TokenMoE(LN(x));  x += SeqMoE(LN(x))
+
+* Omni-attention: text rows attend causally; rows of an image segment (<soi> ... <eoi>, inclusive) attend
+  to everything before the segment and to the whole segment; padding is never attended (a pad row
+  attends only to itself so its softmax stays finite; its output is never used).
+* Grouped token-level MoE: a token's expert group is its sequence's task; routing and expert FFNs run
+  through ``fastface.ops.grouped_moe`` so every backend serves the model.
+* Grouped sequence-level MoE: one routing decision per sequence from the mean of the sublayer input over
+  the sequence's conditioning tokens (the prompt for t2i; image and question for mmu), softmax over 4
+  experts, top-2, weights renormalised over the two (a choice: the paper does not say). Routing from the
+  condition only keeps the decision fixed while image tokens or answer tokens change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastface import ops
+from fastface.config import (
+    EOI_ID,
+    GROUP_GENERATION,
+    PAD_ID,
+    SEQ_EXPERTS,
+    SOI_ID,
+    FaceConfig,
+)
+from fastface.moe import load_balancing_loss
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def image_segments(input_ids: torch.Tensor) -> torch.Tensor:
+    """Segment number of each position: k >= 1 inside the k-th <soi> ... <eoi> span (inclusive), else 0."""
+    opened = torch.cumsum(input_ids == SOI_ID, dim=-1)
+    is_eoi = input_ids == EOI_ID
+    closed_before = torch.cumsum(is_eoi, dim=-1) - is_eoi.long()
+    return torch.where(opened > closed_before, opened, torch.zeros_like(opened))
+
+
+def omni_attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids -> [B, L, L] bool, True where row i may attend to column j."""
+    B, L = input_ids.shape
+    pad = input_ids == PAD_ID  # [B, L]
+    seg = image_segments(input_ids)  # [B, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+    same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)  # [B, L, L]
+    allowed = (causal | same_segment) & ~pad[:, None, :]
+    eye = torch.eye(L, dtype=torch.bool, device=input_ids.device)
+    return torch.where(pad[:, :, None], eye, allowed)
+
+
+def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Rotary positions counting only non-pad tokens, so left padding does not shift a sequence."""
+    return (torch.cumsum(input_ids != PAD_ID, dim=-1) - 1).clamp(min=0)
+
+
+def default_cond_mask(input_ids: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """Conditioning tokens: for t2i the non-pad tokens before the first <soi>; for mmu every non-pad token
+    (the input is taken to be the prompt: image and question; pass ``cond_mask`` when answers follow)."""
+    before_image = torch.cumsum(input_ids == SOI_ID, dim=-1) == 0
+    non_pad = input_ids != PAD_ID
+    t2i = (task == GROUP_GENERATION)[:, None]
+    return non_pad & torch.where(t2i, before_image, torch.ones_like(before_image))
+
+
+# --------------------------------------------------------------------------------------------- rotary
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, L] -> (cos, sin) [B, 1, L, hd] in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, L, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, L, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for the tokens seen so far, plus the sequence-level routing decisions.
+
+    keys[i], values[i]: [B, nh, Lc, hd];  key_valid: [B, Lc] bool (False at padding);
+    routes[i]: (weights [B, 2] float32, experts [B, 2] int64) decided at prefill.
+    """
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    routes: list = field(default_factory=list)
+    key_valid: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None  # [B] rotary position of the next token
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_valid is None else self.key_valid.shape[1]
+
+
+# ------------------------------------------------------------------------------------------- modules
+
+
+class Attention(nn.Module):
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, L, H = x.shape
+        nh, hd = self.config.num_heads, self.config.head_dim
+        q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, L, hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            if len(cache.keys) > layer:
+                k = torch.cat([cache.keys[layer], k], dim=2)
+                v = torch.cat([cache.values[layer], v], dim=2)
+                cache.keys[layer], cache.values[layer] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # [B, nh, L, hd]
+        return self.out(y.transpose(1, 2).reshape(B, L, H))
+
+
+class TokenMoE(nn.Module):
+    """Grouped token-level MoE; weights in the transformers layout, one slice per group."""
+
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        c = config
+        G, E, S, H, Fe, Fs = c.num_groups, c.num_experts, c.num_shared_experts, c.hidden_size, c.expert_ffn_size, \
+            c.shared_ffn_size
+        self.config = c
+        self.backend = "auto"
+        self.router_weight = nn.Parameter(torch.empty(G, E, H))
+        self.gate_up_proj = nn.Parameter(torch.empty(G, E, 2 * Fe, H))
+        self.down_proj = nn.Parameter(torch.empty(G, E, H, Fe))
+        if S:
+            self.shared_gate_up_proj = nn.Parameter(torch.empty(G, S, 2 * Fs, H))
+            self.shared_down_proj = nn.Parameter(torch.empty(G, S, H, Fs))
+        else:
+            self.shared_gate_up_proj = self.shared_down_proj = None
+
+    def forward(self, x, group_per_token):
+        """x [B, L, H], group_per_token [B, L] -> (y [B, L, H], router_logits [B*L, E])."""
+        B, L, H = x.shape
+        backend = self.backend
+        if torch.is_grad_enabled() and backend in ("auto", "cpp") and x.device.type == "cpu":
+            backend = "reference"  # the CPU kernel is forward-only; training takes the autograd path
+        y, router_logits = ops.grouped_moe(
+            x.reshape(B * L, H), group_per_token.reshape(B * L), self.router_weight, self.gate_up_proj,
+            self.down_proj, top_k=self.config.top_k, shared_gate_up_proj=self.shared_gate_up_proj,
+            shared_down_proj=self.shared_down_proj, normalize_topk=self.config.normalize_topk,
+            return_router_logits=True, backend=backend,
+        )
+        return y.view(B, L, H), router_logits
+
+
+class SeqMoE(nn.Module):
+    """Grouped sequence-level MoE (4 experts per group, top-2, one decision per sequence)."""
+
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        self.config = config
+        self.router = nn.Parameter(torch.empty(config.num_groups, config.seq_num_experts, config.hidden_size))
+        self.sem_proj = nn.Linear(config.sem_dim, config.hidden_size, bias=False)  # W_s
+        self.id_proj = nn.Linear(config.id_dim, config.hidden_size, bias=False)  # W_id
+
+    def route(self, h, group, cond_mask):
+        """Routing from the mean of h over the conditioning tokens: (weights [B, 2], experts [B, 2])."""
+        w = cond_mask.to(h.dtype)[..., None]  # [B, L, 1]
+        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, H]
+        logits = torch.einsum("bh,beh->be", pooled.float(), self.router[group].float())  # [B, 4]
+        probs = torch.softmax(logits, dim=-1)
+        weights, experts = torch.topk(probs, self.config.seq_top_k, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), experts
+
+    def forward(self, h, group, cond_mask, e_sem=None, e_id=None, route=None):
+        """h [B, L, H] -> (out [B, L, H], route).
+
+        Every expert is ``a * h + bias`` (copy: a=1; zero: a=0; semantic/identity: a=1, bias = W e; noise:
+        a=1, bias = sigma * eps), so the top-2 mixture is ``(sum_k w_k a_k) * h + sum_k w_k bias_k``.
+        """
+        if route is None:
+            route = self.route(h, group, cond_mask)
+        weights, experts = route  # [B, 2] each
+        B, L, H = h.shape
+        kinds = [[SEQ_EXPERTS[int(group[b])][int(experts[b, k])] for k in range(experts.shape[1])] for b in range(B)]
+        scale = torch.tensor([[0.0 if name == "zero" else 1.0 for name in row] for row in kinds], device=h.device)
+        out = h * (weights * scale).sum(-1).to(h.dtype)[:, None, None]
+        for name, emb, proj in (("semantic", e_sem, self.sem_proj), ("identity", e_id, self.id_proj)):
+            if emb is None:
+                continue  # an expert whose embedding is absent acts as Copy
+            w = torch.tensor([[1.0 if n == name else 0.0 for n in row] for row in kinds], device=h.device)
+            out = out + ((weights * w).sum(-1)[:, None] * proj(emb.to(h.dtype)).float()).to(h.dtype)[:, None]
+        if self.training and self.config.seq_noise_std > 0:
+            w = torch.tensor([[1.0 if n == "noise" else 0.0 for n in row] for row in kinds], device=h.device)
+            noise_weight = (weights * w).sum(-1)  # [B]
+            if bool((noise_weight > 0).any()):
+                noise = torch.randn_like(h) * self.config.seq_noise_std
+                out = out + noise * noise_weight.to(h.dtype)[:, None, None]
+        return out, route
+
+
+class Block(nn.Module):
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attn = Attention(config)
+        self.ln_moe = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.moe = TokenMoE(config)
+        self.ln_seq = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.seq_moe = SeqMoE(config)
+
+    def forward(self, x, ctx: dict, layer: int):
+        x = x + self.attn(self.ln_attn(x), ctx["mask"], ctx["cos"], ctx["sin"], ctx["cache"], layer)
+        y, router_logits = self.moe(self.ln_moe(x), ctx["group_per_token"])
+        x = x + y
+        cache = ctx["cache"]
+        route = cache.routes[layer] if cache is not None and len(cache.routes) > layer else None
+        s, route = self.seq_moe(self.ln_seq(x), ctx["group"], ctx["cond_mask"], ctx["e_sem"], ctx["e_id"], route)
+        if cache is not None and len(cache.routes) <= layer:
+            cache.routes.append(route)
+        ctx["routes"].append(route)
+        return x + s, router_logits
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, L, V] (or [B, len(logits_positions), V])
+    aux_loss: torch.Tensor  # load-balancing loss, summed over layers and groups
+    routes: list  # per layer (weights [B, 2], experts [B, 2]) of the sequence-level MoE
+    hidden: torch.Tensor | None = None
+
+
+class FaceTransformer(nn.Module):
+    """Unified understanding + generation transformer (reference implementation)."""
+
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Deterministic init (std 0.02, output projections scaled by depth)."""
+        gen = torch.Generator().manual_seed(0 if seed is None else seed)
+        std = 0.02
+        out_std = std / (2 * self.config.num_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # LayerNorm
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+                continue
+            scale = out_std if name.endswith(("out.weight", "down_proj", "sem_proj.weight", "id_proj.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+    def set_backend(self, backend: str):
+        for layer in self.layers:
+            layer.moe.backend = backend
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        task: torch.Tensor,
+        *,
+        cond_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        e_sem: torch.Tensor | None = None,
+        e_id: torch.Tensor | None = None,
+        logits_positions: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
+        """Forward over ``input_ids`` [B, L] of sequences with ``task`` [B] (0 = mmu, 1 = t2i).
+
+        Without a cache, the omni-attention mask, rotary positions and conditioning mask are derived from
+        the ids. With a non-empty ``cache`` the new tokens attend to the cached ones and to each other
+        (``attn_mask`` [B, L, Lc + L] may be given; default: every valid cached key plus causal among the
+        new tokens) and the sequence-level routing stored at prefill is reused.
+        ``logits_positions`` [P] restricts the LM head to those positions.
+        """
+        B, L = input_ids.shape
+        cached = cache is not None and cache.length > 0
+        if attn_mask is None:
+            if cached:
+                new_valid = input_ids != PAD_ID
+                causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+                attn_mask = torch.cat([cache.key_valid[:, None, :].expand(B, L, -1),
+                                       causal[None] & new_valid[:, None, :]], dim=-1)
+            else:
+                attn_mask = omni_attention_mask(input_ids)
+        if positions is None:
+            positions = (cache.next_position[:, None] + default_positions(input_ids)) if cached else \
+                default_positions(input_ids)
+        if cond_mask is None and not cached:
+            cond_mask = default_cond_mask(input_ids, task)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.embed(input_ids)
+        group_per_token = task[:, None].expand(B, L)
+        ctx = dict(mask=attn_mask, cos=cos, sin=sin, cache=cache, group=task, group_per_token=group_per_token,
+                   cond_mask=cond_mask, e_sem=e_sem, e_id=e_id, routes=[])
+        aux = x.new_zeros((), dtype=torch.float32)
+        valid = (input_ids != PAD_ID).reshape(-1)
+        for i, layer in enumerate(self.layers):
+            x, router_logits = layer(x, ctx, i)
+            if self.training:
+                aux = aux + load_balancing_loss(router_logits[valid], group_per_token.reshape(-1)[valid],
+                                                self.config.num_groups, self.config.top_k)
+        if cache is not None:
+            valid_new = input_ids != PAD_ID
+            cache.key_valid = valid_new if not cached else torch.cat([cache.key_valid, valid_new], dim=1)
+            cache.next_position = positions[:, -1] + 1
+        h = self.ln_f(x)
+        if logits_positions is not None:
+            h = h[:, logits_positions]
+        return ModelOutput(self.lm_head(h), aux, ctx["routes"], h if return_hidden else None)

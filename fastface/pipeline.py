@@ -1,0 +1,199 @@
+"""The user-facing pipeline: load a checkpoint, draw faces from text, answer questions about faces.
+
+    pipe = fastface.load()                                    # the embedded default model, offline
+    tokens = pipe.generate_tokens(["a smiling woman with red hair"], steps=16, guidance=2.0, seed=0)
+    images = pipe.generate(["a smiling woman with red hair"])  # list of PIL images
+    answers = pipe.answer(images, ["what colour is her hair?"])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastface import backends
+from fastface.checkpoint import DTYPES, load_checkpoint
+from fastface.config import SPECIAL_TOKENS
+from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
+from fastface.sampling import SCHEDULES, generate_answer_ids, generate_image_tokens
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
+
+
+def _check_prompts(name, prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} is empty: give at least one")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
+    return list(prompts)
+
+
+def _check_number(name, value, *, lo=None, integer=False):
+    kind = int if integer else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+
+
+class Pipeline:
+    """A loaded model with its text and image tokenizers."""
+
+    def __init__(self, model, tokenizer, image_tokenizer=None, *, backend: str = "auto"):
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.backend = backends.validate_choice(backend)
+        self.model.set_backend(self.backend)
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The fast decoding engine (``fastface.engine.Engine``); every backend but "reference" runs on it."""
+        if self._engine is None:
+            from fastface.engine import Engine
+
+            self._engine = Engine(self.model, backend=self.backend)
+        return self._engine
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ text
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i >= len(SPECIAL_TOKENS)])
+
+    # ------------------------------------------------------------------------------------ generation
+    def generate_tokens(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, *,
+                        sample_temperature: float = 1.0, confidence_temperature: float = 4.5,
+                        schedule: str = "cosine", threshold: float | None = None, callback=None) -> torch.Tensor:
+        """Codebook ids [B, N] (int64) of one image per prompt.
+
+        ``seed`` is an int (prompt b uses seed + b) or one seed per prompt; a prompt's tokens depend only on
+        its own seed, never on the rest of the batch. ``backend="reference"`` runs the reference loop (a full
+        forward every step); every other backend runs the engine, which returns the same tokens.
+        ``threshold`` (opt-in, engine only) also accepts every masked token whose sampled probability reaches
+        it, so decoding may finish in fewer steps. ``callback(step, tokens, masked)`` runs after each step.
+        """
+        prompts = _check_prompts("prompts", prompts)
+        _check_number("steps", steps, lo=1, integer=True)
+        _check_number("guidance", guidance)
+        _check_number("sample_temperature", sample_temperature)
+        if sample_temperature <= 0:
+            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
+        _check_number("confidence_temperature", confidence_temperature, lo=0)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if threshold is not None:
+            _check_number("threshold", threshold)
+            if not 0 < threshold <= 1:
+                raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+        seeds = self._seeds(seed, len(prompts))
+        ids = t2i_prompt_ids([self.encode_text(p) for p in prompts], self.config)
+        kwargs = dict(steps=steps, guidance=guidance, seeds=seeds, sample_temperature=sample_temperature,
+                      confidence_temperature=confidence_temperature, schedule=schedule, callback=callback)
+        if self.backend == "reference" and threshold is None:
+            return generate_image_tokens(self.model, ids, backend=self.backend, **kwargs)
+        return self.engine.generate_image_tokens(ids, threshold=threshold, **kwargs)
+
+    def generate(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, **kwargs):
+        """One PIL image per prompt (decoded by the image tokenizer)."""
+        tokens = self.generate_tokens(prompts, steps=steps, guidance=guidance, seed=seed, **kwargs)
+        return self.decode_images(tokens)
+
+    def decode_images(self, tokens: torch.Tensor):
+        from PIL import Image
+
+        if self.image_tokenizer is None:
+            raise RuntimeError("this checkpoint has no image tokenizer; use generate_tokens()")
+        with torch.no_grad():
+            pixels = self.image_tokenizer.decode(tokens)  # uint8 [B, 64, 64, 3]
+        return [Image.fromarray(np.asarray(p)) for p in pixels]
+
+    # --------------------------------------------------------------------------------- understanding
+    def encode_images(self, images) -> torch.Tensor:
+        """PIL images, uint8 arrays [B, S, S, 3] / a list of [S, S, 3], or codebook ids [B, N] -> ids [B, N]."""
+        if isinstance(images, torch.Tensor) and images.dtype == torch.long:
+            if images.dim() != 2 or images.shape[1] != self.config.image_tokens:
+                raise ValueError(f"image token ids must have shape [B, {self.config.image_tokens}], "
+                                 f"got {tuple(images.shape)}")
+            if images.numel() and (int(images.min()) < 0 or int(images.max()) >= self.config.codebook_size):
+                raise ValueError(f"image token ids must lie in [0, {self.config.codebook_size})")
+            return images
+        if self.image_tokenizer is None:
+            raise RuntimeError("this checkpoint has no image tokenizer; pass codebook ids [B, N]")
+        if not isinstance(images, (list, tuple)):
+            images = list(images) if isinstance(images, np.ndarray) and images.ndim == 4 else [images]
+        size = self.config.image_size
+        arrays = []
+        for i, img in enumerate(images):
+            if hasattr(img, "convert"):  # PIL
+                img = np.asarray(img.convert("RGB").resize((size, size)))
+            img = np.asarray(img)
+            if img.shape != (size, size, 3) or img.dtype != np.uint8:
+                raise ValueError(f"images[{i}] must be a PIL image or uint8 array [{size}, {size}, 3], "
+                                 f"got {img.dtype} {img.shape}")
+            arrays.append(img)
+        with torch.no_grad():
+            return self.image_tokenizer.encode(torch.from_numpy(np.stack(arrays)))
+
+    def answer(self, images, questions, *, max_new_tokens: int | None = None, top_p: float | None = None,
+               temperature: float = 1.0, seed: int = 0) -> list[str]:
+        """Answer one question per image (greedy by default; nucleus sampling with ``top_p``)."""
+        questions = _check_prompts("questions", questions)
+        image_ids = self.encode_images(images)
+        if image_ids.shape[0] != len(questions):
+            raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
+        max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
+        _check_number("max_new_tokens", max_new, lo=1, integer=True)
+        if top_p is not None:
+            _check_number("top_p", top_p)
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        ids = mmu_prompt_ids(image_ids, [self.encode_text(q) for q in questions], self.config)
+        kwargs = dict(max_new_tokens=max_new, top_p=top_p, temperature=temperature,
+                      seeds=self._seeds(seed, len(questions)), allowed_vocab=self.config.text_vocab_size)
+        if self.backend == "reference":
+            answers = generate_answer_ids(self.model, ids, **kwargs)
+        else:
+            answers = self.engine.generate_answer_ids(ids, **kwargs)
+        return [self.decode_text(a) for a in answers]
+
+    @staticmethod
+    def _seeds(seed, n) -> list[int]:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise ValueError(f"got {len(seed)} seeds for {n} prompts")
+            for s in seed:
+                _check_number("seed", s, lo=0, integer=True)
+            return [int(s) for s in seed]
+        _check_number("seed", seed, lo=0, integer=True)
+        return [seed + b for b in range(n)]
+
+
+def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipeline:
+    """Load a checkpoint directory (default: the embedded face model) into a ``Pipeline``."""
+    backends.validate_choice(backend)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if path is None:
+        path = DEFAULT_MODEL
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded default model is missing from this install ({path})")
+    model, tokenizer, image_tokenizer, _ = load_checkpoint(path, dtype=DTYPES[dtype])
+    return Pipeline(model, tokenizer, image_tokenizer, backend=backend)

@@ -1,0 +1,470 @@
+"""Training: t2i with the D3Diff loss and mmu with the next-token loss, in mixed batches.
+
+    fastface train --preset face-s --steps 3000 --batch-size 32 --out runs/face-s
+    torchrun --nproc-per-node 2 -m fastface.train --preset tiny --steps 10 --out runs/tiny   # data parallel
+
+Determinism: the global batch of step s (which examples, their captions and questions, mask ratios and
+masked positions, cond dropout, the Noise expert's draws) is a function of (seed, s) only. Each rank takes
+a fixed slice of the global batch, losses are sums divided by global counts, and gradients are summed
+across ranks, so P processes follow the same loss curve as one process on the same global batch, and a run
+resumed from a checkpoint continues exactly as the uninterrupted run.
+
+Checkpoints: ``<out>/step-XXXXXXX/`` holds a loadable model checkpoint (fastface.checkpoint) plus
+``optimizer.safetensors`` and ``trainer.json``; directories are written under a temporary name and renamed,
+and ``<out>/latest`` names the newest complete one. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastface import ops
+from fastface.checkpoint import load_checkpoint, save_checkpoint
+from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
+from fastface.loss import mask_ratio_schedule, next_token_loss
+from fastface.model import FaceTransformer
+from fastface.prompts import t2i_prompt_ids, t2i_sequence
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class SyntheticData:
+    """Random image tokens with random captions and QA pairs: a data source for tests and smoke runs."""
+
+    def __init__(self, config: FaceConfig, size: int = 64, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.config = config
+        self.images = torch.randint(0, config.codebook_size, (size, config.image_tokens), generator=gen)
+        lo, hi = 8, config.text_vocab_size
+        self.captions = [torch.randint(lo, hi, (int(torch.randint(2, 8, (1,), generator=gen)),),
+                                       generator=gen).tolist() for _ in range(size)]
+        self.qa = [[(torch.randint(lo, hi, (3,), generator=gen).tolist(), [int(self.images[i, 0]) % (hi - lo) + lo])]
+                   for i in range(size)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def t2i_example(self, index: int, gen: torch.Generator):
+        return self.captions[index], self.images[index]
+
+    def mmu_example(self, index: int, gen: torch.Generator):
+        return self.images[index], self.qa[index]
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    task: torch.Tensor  # [B]
+    cond_mask: torch.Tensor  # [B, L]
+    # t2i
+    t2i_rows: torch.Tensor  # [Bt] row indices
+    image_start: int  # column of img_1 in a t2i row
+    masked: torch.Tensor  # [Bt, N] bool
+    targets: torch.Tensor  # [Bt, N] codebook ids
+    mask_ratio: torch.Tensor  # [Bt]
+    # mmu
+    mmu_rows: torch.Tensor  # [Bm]
+    next_targets: torch.Tensor  # [Bm, L] next-token targets
+    answer_mask: torch.Tensor  # [Bm, L] positions whose next token is an answer token or its <eos>
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + salt)
+
+
+def mmu_sequence(image_tokens, qa, config: FaceConfig):
+    """``<mmu> <soi> img <eoi>`` then ``<bos> q a <eos>`` per pair -> (ids, is_answer, is_cond) lists."""
+    ids = [MMU_ID, SOI_ID, *[int(t) + config.image_token_offset for t in image_tokens], EOI_ID]
+    is_answer = [False] * len(ids)
+    is_cond = [True] * len(ids)
+    for q, a in qa:
+        ids += [BOS_ID, *q]
+        is_answer += [False] * (len(q) + 1)
+        is_cond += [True] * (len(q) + 1)
+        ids += [*a, EOS_ID]
+        is_answer += [True] * (len(a) + 1)
+        is_cond += [False] * (len(a) + 1)
+    return ids, is_answer, is_cond
+
+
+def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: int, mmu_fraction: float,
+               rank: int = 0, world: int = 1) -> Batch:
+    """This rank's slice of the global batch of ``step``: rows rank, rank + world, … of the global batch."""
+    gen = step_generator(seed, step)
+    index = torch.randint(0, len(data), (batch_size,), generator=gen).tolist()
+    is_mmu = (torch.rand(batch_size, generator=gen) < mmu_fraction).tolist()
+    N, off = config.image_tokens, config.image_token_offset
+    rows_t2i, rows_mmu = [], []
+    for row in range(rank, batch_size, world):
+        g = step_generator(seed, step, salt=1 + row)  # per-example randomness, independent of the rank
+        if is_mmu[row]:
+            image, qa = data.mmu_example(index[row], g)
+            rows_mmu.append(mmu_sequence(image, qa, config))
+        else:
+            caption, image = data.t2i_example(index[row], g)
+            if float(torch.rand(1, generator=g)) < config.cond_dropout:
+                caption = []
+            m = float(mask_ratio_schedule(torch.rand(1, generator=g), N))
+            n_mask = max(1, round(N * m))
+            masked = torch.zeros(N, dtype=torch.bool)
+            masked[torch.randperm(N, generator=g)[:n_mask]] = True
+            rows_t2i.append((caption, torch.as_tensor(image, dtype=torch.long), masked, m))
+    seqs, tasks, conds = [], [], []
+    masked_t, targets_t, ratio_t = [], [], []
+    prompts = t2i_prompt_ids([c for c, *_ in rows_t2i], config) if rows_t2i else None
+    for i, (_, image, masked, m) in enumerate(rows_t2i):
+        img_ids = torch.where(masked, torch.full_like(image, config.mask_token_id), image + off)
+        seq = t2i_sequence(prompts[i : i + 1], img_ids[None])[0]
+        seqs.append(seq.tolist())
+        tasks.append(1)
+        conds.append((torch.arange(seq.shape[0]) < config.max_text_len) & (seq != PAD_ID))
+        masked_t.append(masked)
+        targets_t.append(image)
+        ratio_t.append(m)
+    answer_rows = []
+    for ids, is_answer, is_cond in rows_mmu:
+        seqs.append(ids)
+        tasks.append(0)
+        conds.append(torch.tensor(is_cond))
+        answer_rows.append(torch.tensor(is_answer))
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    cond_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for r, (s, c) in enumerate(zip(seqs, conds)):
+        input_ids[r, L - len(s):] = torch.tensor(s)
+        cond_mask[r, L - len(s):] = c
+    Bt = len(rows_t2i)
+    mmu_rows = torch.arange(Bt, len(seqs))
+    next_targets = torch.full((len(mmu_rows), L), PAD_ID, dtype=torch.long)
+    answer_mask = torch.zeros(len(mmu_rows), L, dtype=torch.bool)
+    for j, is_answer in enumerate(answer_rows):
+        ids = input_ids[Bt + j]
+        next_targets[j, :-1] = ids[1:]
+        full = torch.zeros(L, dtype=torch.bool)
+        full[L - len(is_answer):] = is_answer
+        answer_mask[j, :-1] = full[1:]  # position p predicts token p + 1
+    return Batch(
+        input_ids=input_ids, task=torch.tensor(tasks, dtype=torch.long), cond_mask=cond_mask,
+        t2i_rows=torch.arange(Bt), image_start=L - N - 1,
+        masked=torch.stack(masked_t) if Bt else torch.zeros(0, N, dtype=torch.bool),
+        targets=torch.stack(targets_t) if Bt else torch.zeros(0, N, dtype=torch.long),
+        mask_ratio=torch.tensor(ratio_t, dtype=torch.float32), mmu_rows=mmu_rows, next_targets=next_targets,
+        answer_mask=answer_mask,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="reference", autocast=False):
+    """(loss to backpropagate, dict of float32 statistics). Sums divided by global (all-rank) counts."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch.input_ids, batch.task, cond_mask=batch.cond_mask)
+    logits = out.logits
+    K, off, N = config.codebook_size, config.image_token_offset, config.image_tokens
+    counts = all_reduce_sum(torch.tensor([float(batch.masked.sum()), float(batch.answer_mask.sum()),
+                                          float(batch.input_ids.shape[0])]))
+    n_masked, n_answer, n_rows = counts.clamp(min=1).tolist()
+    loss = logits.new_zeros((), dtype=torch.float32)
+    stats = {}
+    if len(batch.t2i_rows):
+        img_logits = logits[batch.t2i_rows, batch.image_start : batch.image_start + N, off : off + K]  # [Bt, N, K]
+        sel = batch.masked
+        ratio = batch.mask_ratio[:, None].expand(-1, N)[sel]
+        per_row = ops.d3diff_loss(img_logits[sel].float(), batch.targets[sel], ratio, alpha=config.d3diff_alpha,
+                                  reduction="none", r_max=config.d3diff_r_max, backend=loss_backend)
+        t2i_loss = per_row.sum() / n_masked
+        loss = loss + t2i_loss
+        stats["t2i"] = float(t2i_loss.detach())
+    if len(batch.mmu_rows):
+        mmu_logits = logits[batch.mmu_rows]
+        # next_token_loss is a mean over this rank's answer tokens; rescale to the global count
+        local = float(batch.answer_mask.sum())
+        mmu_loss = next_token_loss(mmu_logits, batch.next_targets, batch.answer_mask) * local / n_answer
+        loss = loss + mmu_loss
+        stats["mmu"] = float(mmu_loss.detach())
+    aux = config.router_aux_loss_coef * out.aux_loss * batch.input_ids.shape[0] / n_rows
+    loss = loss + aux
+    stats["aux"] = float(aux.detach())
+    return loss, stats
+
+
+# -------------------------------------------------------------------------------------- optimiser state
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_tensors(model, optimizer) -> tuple[dict, dict]:
+    """AdamW state as named tensors (safetensors) plus JSON-able scalars."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, scalars = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            name = names[id(p)]
+            tensors[f"{name}.exp_avg"] = state["exp_avg"].contiguous()
+            tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            scalars[name] = float(state["step"])
+    return tensors, scalars
+
+
+def load_optimizer_tensors(model, optimizer, tensors: dict, scalars: dict):
+    for name, p in model.named_parameters():
+        if name not in scalars:
+            continue
+        optimizer.state[p] = {
+            "step": torch.tensor(scalars[name]),
+            "exp_avg": tensors[f"{name}.exp_avg"].clone(),
+            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].clone(),
+        }
+
+
+def save_train_state(out: Path, step: int, model, tokenizer, optimizer, meta: dict, image_tokenizer=None, keep=2):
+    """Write ``out/step-XXXXXXX`` atomically (temp directory + rename), update ``out/latest``, prune old ones."""
+    from safetensors.torch import save_file
+
+    final = out / f"step-{step:07d}"
+    tmp = out / f".step-{step:07d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(tmp, model, tokenizer, image_tokenizer)
+    tensors, scalars = optimizer_tensors(model, optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step, "adam_steps": scalars}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = out / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, out / "latest")
+    for old in sorted(out.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_state(out: Path) -> Path | None:
+    pointer = out / "latest"
+    if not pointer.is_file():
+        return None
+    path = out / pointer.read_text().strip()
+    return path if (path / "trainer.json").is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 50
+    mmu_fraction: float = 0.5
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    grad_clip: float = 1.0
+    autocast: bool = False
+    loss_backend: str = "auto"
+    max_seconds: float | None = None  # wall-time budget: stop (and checkpoint) once exceeded
+
+
+def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = None, *, image_tokenizer=None,
+          resume: bool = True, progress: bool = True, stop_after: int | None = None, log=None) -> list[dict]:
+    """Train ``model`` in place. Returns the per-step statistics of this run (global loss values).
+
+    ``stop_after`` ends the run after that many optimiser steps in this call (to simulate an interruption).
+    """
+    config = model.config
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
+    start = 0
+    if out is not None and resume and (state := latest_state(out)) is not None:
+        from safetensors.torch import load_file
+
+        loaded, _, _, _ = load_checkpoint(state)
+        model.load_state_dict(loaded.state_dict())
+        meta = json.loads((state / "trainer.json").read_text())
+        load_optimizer_tensors(model, optimizer, load_file(str(state / "optimizer.safetensors")), meta["adam_steps"])
+        start = meta["step"]
+        if rank == 0 and log:
+            log(f"resumed from {state} at step {start}")
+    model.train()
+    history = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    tokens_seen, t0 = 0, time.perf_counter()
+    end = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
+    for step in range(start, end):
+        torch.manual_seed(settings.seed * 1_000_003 + step)  # the Noise expert's draws
+        batch = make_batch(data, config, seed=settings.seed, step=step, batch_size=settings.batch_size,
+                           mmu_fraction=settings.mmu_fraction, rank=rank, world=world)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr=settings.lr, warmup=settings.warmup, total=settings.steps)
+        loss, stats = batch_loss(model, batch, config, loss_backend=settings.loss_backend,
+                                 autocast=settings.autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        global_loss = float(all_reduce_sum(loss.detach().float()))
+        tokens_seen += int((batch.input_ids != PAD_ID).sum()) * world
+        record = {"step": step + 1, "loss": global_loss, "grad_norm": float(grad_norm), **stats}
+        history.append(record)
+        if bar is not None:
+            rate = tokens_seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{global_loss:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+        if log and rank == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == end):
+            log(json.dumps({**record, "tokens_per_s": round(tokens_seen / (time.perf_counter() - t0))}))
+        out_of_time = settings.max_seconds is not None and time.perf_counter() - t0 > settings.max_seconds
+        if world > 1:  # every rank stops at the same step
+            out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time))) > 0)
+        last = step + 1 == settings.steps or out_of_time
+        if out is not None and rank == 0 and ((step + 1) % settings.save_every == 0 or last):
+            save_train_state(out, step + 1, model, tokenizer, optimizer, {"seed": settings.seed, "world": world},
+                             image_tokenizer)
+        if world > 1:
+            dist.barrier()
+        if out_of_time:
+            if log and rank == 0:
+                log(json.dumps({"event": "time budget reached", "step": step + 1}))
+            break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------------------- cli
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="face-s", help="model preset: tiny, face-s (default), showo-1b")
+    p.add_argument("--data", default="faceworld", choices=["faceworld", "synthetic"],
+                   help="training data: the procedural face world (default) or random tokens (smoke runs)")
+    p.add_argument("--faces", type=int, default=20000, help="face-world images in the training set")
+    p.add_argument("--image-tokenizer", default=None,
+                   help="directory or file of the trained image tokenizer (default: the embedded one)")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (all processes together)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--mmu-fraction", type=float, default=0.5, help="fraction of understanding examples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time budget; the run checkpoints and stops once it is spent (resume continues it)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log); resumes from it if present")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has checkpoints")
+
+
+def build_data(args, config: FaceConfig):
+    """(data source, text tokenizer, image tokenizer or None) for the run."""
+    if args.data == "synthetic":
+        from fastface.tokenizer import build_text_tokenizer
+
+        words = [f"w{i}" for i in range(config.text_vocab_size - len(SPECIAL_TOKENS))]
+        return SyntheticData(config, seed=args.seed), build_text_tokenizer(words), None
+    from fastface.data.training import FaceWorldData
+
+    data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer)
+    return data, data.tokenizer, data.image_tokenizer
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    config = FaceConfig.from_name(args.preset)
+    data, tokenizer, image_tokenizer = build_data(args, config)
+    if tokenizer.get_vocab_size() != config.text_vocab_size:
+        config = FaceConfig.from_name(args.preset, text_vocab_size=tokenizer.get_vocab_size())
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    model = FaceTransformer(config)
+    model.reset_parameters(args.seed)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                             mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
+                             autocast=args.bf16,
+                             max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "train.log"
+
+    def log(line):
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        log(json.dumps({"event": "start", "preset": args.preset, "world": world, "args": vars(args),
+                        "parameters": sum(p.numel() for p in model.parameters())}, default=str))
+    t0 = time.perf_counter()
+    history = train(model, data, tokenizer, settings, out, image_tokenizer=image_tokenizer,
+                    resume=not args.no_resume, log=log)
+    if rank == 0:
+        log(json.dumps({"event": "end", "wall_s": round(time.perf_counter() - t0, 1),
+                        "final": history[-1] if history else None}))
+        print(f"checkpoint: {latest_state(out)}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastface train", description="Train a fastface model.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

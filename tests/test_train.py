@@ -1,0 +1,71 @@
+"""Training: loss goes down, exact resume after an interruption, data-parallel equals one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import word_tokenizer
+
+from fastface.config import FaceConfig
+from fastface.model import FaceTransformer
+from fastface.train import SyntheticData, TrainSettings, latest_state, make_batch, train
+
+
+def setup(seed=0, **overrides):
+    cfg = FaceConfig.from_name("tiny", **overrides)
+    model = FaceTransformer(cfg)
+    model.reset_parameters(seed)
+    return cfg, model, SyntheticData(cfg, size=16, seed=seed), word_tokenizer(cfg.text_vocab_size)
+
+
+def test_batches_mix_tasks_and_mask_targets():
+    cfg, _, data, _ = setup()
+    b = make_batch(data, cfg, seed=0, step=0, batch_size=8, mmu_fraction=0.5)
+    assert len(b.t2i_rows) and len(b.mmu_rows), "a mixed batch"
+    assert b.input_ids.shape[0] == 8
+    img = b.input_ids[b.t2i_rows, b.image_start : b.image_start + cfg.image_tokens]
+    assert torch.equal(img == cfg.mask_token_id, b.masked), "masked positions hold <mask>"
+    assert bool((b.masked.sum(1) >= 1).all())
+    assert torch.equal(img[~b.masked] - cfg.image_token_offset, b.targets[~b.masked])
+    assert bool(b.answer_mask.any())
+
+
+def test_a_few_steps_lower_the_loss():
+    cfg, model, data, tok = setup()
+    hist = train(model, data, tok, TrainSettings(steps=30, batch_size=8, lr=3e-3, warmup=3), progress=False)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.8 * first, f"loss did not go down: {first:.3f} -> {last:.3f}"
+
+
+def test_resume_is_exact(tmp_path):
+    settings = TrainSettings(steps=6, batch_size=6, lr=2e-3, warmup=2, save_every=3)
+    _, model_a, data, tok = setup()
+    hist_a = train(model_a, data, tok, settings, tmp_path / "a", progress=False)
+    _, model_b, _, _ = setup()
+    train(model_b, data, tok, settings, tmp_path / "b", progress=False, stop_after=4)  # "killed" after step 4
+    assert latest_state(tmp_path / "b").name == "step-0000003"
+    _, model_c, _, _ = setup(seed=99)  # a fresh process: weights come from the checkpoint
+    hist_c = train(model_c, data, tok, settings, tmp_path / "b", progress=False)
+    assert [h["step"] for h in hist_c] == [4, 5, 6]
+    assert [h["loss"] for h in hist_c] == [h["loss"] for h in hist_a[3:]]
+    for (name, p), q in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Same global batch, 2 gloo processes vs 1: the same loss curve."""
+    script = os.path.join(os.path.dirname(__file__), "ddp_train_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, script, str(one)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    script, str(two)], check=True, env=env, timeout=300, capture_output=True)
+    l1, l2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert len(l1) == len(l2) == 4
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * abs(a), f"loss curves differ: {l1} vs {l2}"
