@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastface.cli import _finite_float, _positive_int
 from fastface.data.faceworld import ATTRIBUTES
 from fastface.perception import IGNORE, accuracy_table, held_out_faces, mean_accuracy
 
@@ -338,26 +339,6 @@ def markdown_report(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``fastface eval``."""
