@@ -17,6 +17,8 @@ cp -r "$repo/csrc" "$repo/fastface" "$repo/kernels" "$repo/tests" "$repo/setup.p
 find "$work" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
 cd "$work"
+# the test extras bring pybind11; a bare environment gets it here
+python -c "import pybind11" 2>/dev/null || python -m pip install -q "pybind11>=2.12"
 FASTFACE_ASAN=1 FASTFACE_BUILD_STRICT=1 python setup.py -q build_ext --inplace >build.log 2>&1 || {
   tail -50 build.log
   exit 1
