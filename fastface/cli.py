@@ -233,7 +233,8 @@ def cmd_bench(args):
 def cmd_delegated(args):
     if args.command in _UNAVAILABLE:
         raise CLIError(_UNAVAILABLE[args.command])
-    return importlib.import_module(args._module).run(args)
+    status = importlib.import_module(args._module).run(args)
+    return status if isinstance(status, int) else 0  # eval's run returns its results
 
 
 COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,

@@ -325,7 +325,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
         load_optimizer_tensors(model, optimizer, load_file(str(state / "optimizer.safetensors")), meta["adam_steps"])
         start = meta["step"]
         if rank == 0 and log:
-            log(f"resumed from {state} at step {start}")
+            log(json.dumps({"event": "resumed", "from": str(state), "step": start}))
     model.train()
     history = []
     bar = None

@@ -187,3 +187,19 @@ def test_cli_writes_json_and_markdown(tiny_checkpoint, tmp_path, capsys):
     args = add_arguments(argparse.ArgumentParser()).parse_args([])
     assert args.steps == DEFAULT_STEPS and args.guidance == DEFAULT_GUIDANCE and args.num_faces == 200
     assert main(["--model", str(tmp_path / "nowhere"), "--parts", "psnr"]) == 2
+
+
+def test_eval_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
+    """``fastface eval`` end to end through the CLI: table printed, JSON and markdown written, exit status 0."""
+    from fastface import cli
+    from fastface.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tokenizer, _, _ = load_checkpoint(tiny_checkpoint)
+    ckpt = save_checkpoint(tmp_path / "with-vq", model, tokenizer, tiny_vq())
+    out, md = tmp_path / "eval.json", tmp_path / "eval.md"
+    status = cli.main(["eval", "--model", str(ckpt), "--backend", "reference", "--num-faces", "2", "--steps", "2",
+                       "--parts", "vqa", "psnr", "--questions-per-face", "1", "-o", str(out), "--markdown", str(md)])
+    assert status == 0
+    result = json.loads(out.read_text())
+    assert result["faces"] == 2 and 0.0 <= result["vqa"]["mean"] <= 1.0 and result["psnr"]["psnr_db"] > 0
+    assert "mean over attributes" in md.read_text() and "mean over attributes" in capsys.readouterr().out
