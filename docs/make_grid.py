@@ -1,6 +1,7 @@
 """docs/face_s_grid.png: 16 prompts drawn by the embedded model (seed 0, default steps and guidance), 3x upscale,
 each tile captioned by its prompt number; the prompts go to docs/face_s_grid.md."""
 from PIL import Image, ImageDraw
+
 import fastface
 from fastface.grid import image_grid
 
