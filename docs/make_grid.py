@@ -23,17 +23,23 @@ PROMPTS = [
     "a woman with pink lipstick, long black hair and a red background",
     "an old man with stubble, a blue top hat and green eyes",
 ]
-pipe = fastface.load()
-images = pipe.generate(PROMPTS, seed=0)
-tiles = []
-for i, img in enumerate(images):
-    big = img.resize((192, 192), Image.NEAREST)
-    ImageDraw.Draw(big).text((4, 2), str(i + 1), fill=(0, 0, 0))
-    tiles.append(big)
-image_grid(tiles, columns=4).save("docs/face_s_grid.png")
-with open("docs/face_s_grid.md", "w") as f:
-    f.write("# `docs/face_s_grid.png`: the embedded face-s model, 16 prompts\n\n")
-    f.write("Drawn by `python docs/make_grid.py` (seed 0, 16 steps, guidance 2.0; tiles numbered row by row):\n\n")
-    for i, p in enumerate(PROMPTS):
-        f.write(f"{i + 1}. {p}\n")
-print("wrote docs/face_s_grid.png")
+
+def main():
+    pipe = fastface.load()
+    images = pipe.generate(PROMPTS, seed=0)
+    tiles = []
+    for i, img in enumerate(images):
+        big = img.resize((192, 192), Image.NEAREST)
+        ImageDraw.Draw(big).text((4, 2), str(i + 1), fill=(0, 0, 0))
+        tiles.append(big)
+    image_grid(tiles, columns=4).save("docs/face_s_grid.png")
+    with open("docs/face_s_grid.md", "w") as f:
+        f.write("# `docs/face_s_grid.png`: the embedded face-s model, 16 prompts\n\n")
+        f.write("Drawn by `python docs/make_grid.py` (seed 0, 16 steps, guidance 2.0; tiles numbered row by row):\n\n")
+        for i, p in enumerate(PROMPTS):
+            f.write(f"{i + 1}. {p}\n")
+    print("wrote docs/face_s_grid.png")
+
+
+if __name__ == "__main__":
+    main()

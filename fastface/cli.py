@@ -120,7 +120,8 @@ _UNAVAILABLE: dict[str, str] = {}
 
 
 def _add_delegated(sub, name, module, helptext):
-    """A subcommand whose options and behaviour live in ``module`` (``add_arguments(parser)``, ``run(args)``).
+    """A subcommand whose options and behaviour live in ``module`` (``add_arguments(parser)``, and ``run(args)``
+    returning the exit status).
 
     When the module cannot be imported the subcommand still exists (so ``--help`` works) and says why it cannot
     run.
@@ -233,8 +234,7 @@ def cmd_bench(args):
 def cmd_delegated(args):
     if args.command in _UNAVAILABLE:
         raise CLIError(_UNAVAILABLE[args.command])
-    status = importlib.import_module(args._module).run(args)
-    return status if isinstance(status, int) else 0  # eval's run returns its results
+    return importlib.import_module(args._module).run(args)
 
 
 COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,

@@ -368,8 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args) -> dict:
-    """Run ``fastface eval`` from parsed ``add_arguments`` options: print the table, write the files."""
+def run(args) -> int:
+    """Run ``fastface eval`` from parsed ``add_arguments`` options: print the table, write the files; exit status 0
+    (``evaluate`` returns the results themselves)."""
     import fastface
     from fastface.perception import AttributeClassifier
 
@@ -392,7 +393,7 @@ def run(args) -> dict:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text)
-    return result
+    return 0
 
 
 def main(argv=None) -> int:
