@@ -108,3 +108,34 @@ def implementation(op: str, backend: str, device_type: str = "cpu"):
     """(resolved backend name, callable) for ``op``."""
     name = resolve(op, backend, device_type)
     return name, _load(IMPLEMENTATIONS[op][name])
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16).
+
+    Without them, bfloat16 matmuls (torch's and the C++ kernels') widen to float32 in software and run
+    several times slower than float32 itself.
+    """
+    try:
+        from fastface import _C
+
+        f = _C.cpu_features()
+        return bool(f.get("avx512_bf16") or f.get("amx_bf16"))
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return True  # unknown: do not warn
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def warn_if_slow_bf16(dtype: str) -> None:
+    """Warn once when bfloat16 is asked for on a CPU that would run it slower than float32."""
+    if dtype == "bfloat16" and not cpu_has_bf16_matmul() and ("bf16", "cpu") not in _warned:
+        _warned.add(("bf16", "cpu"))
+        warnings.warn("fastface: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX); bfloat16 runs "
+                      "several times slower than float32 here -- use dtype='float32' (--dtype float32) for speed",
+                      RuntimeWarning, stacklevel=3)

@@ -191,6 +191,7 @@ def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipelin
     backends.validate_choice(backend)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    backends.warn_if_slow_bf16(dtype)
     if path is None:
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():

@@ -42,6 +42,18 @@ def test_bfloat16_pipeline(tiny_checkpoint):
     assert tokens.shape == (1, pipe.config.image_tokens)
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bfloat16_warns_without_bf16_matrix_units(tiny_checkpoint, monkeypatch, recwarn, has_bf16):
+    from fastface import backends
+
+    monkeypatch.setattr(backends, "cpu_has_bf16_matmul", lambda: has_bf16)
+    monkeypatch.setattr(backends, "_warned", set())
+    fastface.load(tiny_checkpoint, backend="reference", dtype="bfloat16")
+    fastface.load(tiny_checkpoint, backend="reference", dtype="float32")
+    slow = [w for w in recwarn if "no bf16 matrix instructions" in str(w.message)]
+    assert len(slow) == (0 if has_bf16 else 1)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(prompts=[]), ValueError, "prompts is empty"),
     (dict(prompts="w1", steps=0), ValueError, "steps"),
