@@ -182,25 +182,32 @@ def score_generation(pred_generated: np.ndarray, pred_real: np.ndarray, labels: 
 
 def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DEFAULT_STEPS,
                         guidance: float = DEFAULT_GUIDANCE, seed: int = 0, per_prompt: int = 6,
-                        names=PROMPT_NAMES, batch_size: int = 16, save_dir=None) -> dict:
+                        names=PROMPT_NAMES, batch_size: int = 16, save_dir=None,
+                        threshold: float | None = None) -> dict:
     """(b) Draw one face per prompt (``attribute_prompts``) and score the prompted attributes.
 
     ``images`` are the real renders of ``attrs_list`` (uint8 [n, S, S, 3]); prompt i uses seed ``seed + i``.
-    With ``save_dir`` the generated faces are written there as PNGs beside ``prompts.txt``.
+    With ``save_dir`` the generated faces are written there as PNGs beside ``prompts.txt``. ``threshold``
+    turns on confidence-threshold decoding (``Pipeline.generate_tokens``); the steps each batch actually ran
+    are reported as ``mean_steps_run``.
     """
     max_words = pipe.config.max_text_len - 3
     prompts, labels = attribute_prompts(attrs_list, per_prompt=per_prompt, names=names, seed=seed,
                                         max_words=max_words)
-    generated = []
+    generated, steps_run = [], []
     for i in range(0, len(prompts), batch_size):
-        generated += pipe.generate(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i)
+        generated += pipe.generate(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i,
+                                   threshold=threshold)
+        stats = getattr(pipe.engine, "last_stats", None) if threshold is not None else None
+        steps_run.append(stats.steps_run if stats is not None else steps)
     arrays = np.stack([np.asarray(img.convert("RGB")) for img in generated])
     with torch.no_grad():
         tok = pipe.image_tokenizer
         recon = tok.decode(tok.encode(torch.from_numpy(np.ascontiguousarray(images))))
     out = score_generation(classifier.predict_labels(arrays), classifier.predict_labels(images), labels,
                            classifier.predict_labels(recon))
-    out.update({"steps": steps, "guidance": guidance, "attributes_per_prompt": per_prompt,
+    out.update({"steps": steps, "guidance": guidance, "threshold": threshold,
+                "mean_steps_run": float(np.mean(steps_run)), "attributes_per_prompt": per_prompt,
                 "prompts": len(prompts), "example_prompts": prompts[:3]})
     if save_dir is not None:
         save_dir = Path(save_dir)
@@ -243,7 +250,7 @@ def evaluate_tokenizer(pipe, images, *, batch_size: int = 256) -> dict:
 def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, questions_per_face: int = 4, per_prompt: int = 6,
              parts=("vqa", "generation", "psnr"), batch_size: int = 16, faces: dict | None = None,
-             save_dir=None, log=None) -> dict:
+             save_dir=None, log=None, threshold: float | None = None) -> dict:
     """Run the chosen ``parts`` on ``num_faces`` held-out renders (dataset ``seed``) -> a JSON-ready dict.
 
     ``faces`` (a ``make_dataset``-style dict with ``images`` and ``attrs``) replaces the rendered faces.
@@ -282,7 +289,8 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
             t = time.perf_counter()
             result["generation"] = evaluate_generation(pipe, classifier, images, attrs_list, steps=steps,
                                                        guidance=guidance, seed=seed, per_prompt=per_prompt,
-                                                       batch_size=batch_size, save_dir=save_dir)
+                                                       batch_size=batch_size, save_dir=save_dir,
+                                                       threshold=threshold)
             result["generation"]["seconds"] = round(time.perf_counter() - t, 1)
             g = result["generation"]
             log(f"generation: mean {g['mean_generated']:.4f} (classifier on real renders {g['mean_real']:.4f})")
@@ -308,6 +316,8 @@ def markdown_report(result: dict) -> str:
     lines = [f"Held-out faces: {result.get('faces')} (dataset seed {result.get('seed')})"]
     if gen:
         lines[0] += f"; generation at {gen['steps']} steps, guidance {gen['guidance']}"
+        if gen.get("threshold") is not None:
+            lines[0] += f", confidence threshold {gen['threshold']} ({gen['mean_steps_run']:.1f} steps run on average)"
     lines += ["", "| attribute | VQA accuracy | questions | generated: attribute shown | classifier on real renders "
               "| classifier on tokenizer round trip | prompts naming it |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ATTRIBUTES:
@@ -354,6 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"parallel decoding steps (default: {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=_finite_float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance weight (default: {DEFAULT_GUIDANCE})")
+    parser.add_argument("--threshold", type=_finite_float, default=None,
+                        help="confidence-threshold decoding for generation, in (0, 1] (default: off)")
     parser.add_argument("--questions-per-face", type=_positive_int, default=4, help="VQA questions per face")
     parser.add_argument("--attributes-per-prompt", type=int, default=6,
                         help="attributes named per generation prompt besides gender (default: 6)")
@@ -374,6 +386,8 @@ def run(args) -> int:
     import fastface
     from fastface.perception import AttributeClassifier
 
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.attributes_per_prompt < 0:
         raise ValueError(f"--attributes-per-prompt must be >= 0, got {args.attributes_per_prompt}")
     pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
@@ -384,7 +398,8 @@ def run(args) -> int:
     result = evaluate(pipe, classifier, num_faces=args.num_faces, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, questions_per_face=args.questions_per_face,
                       per_prompt=args.attributes_per_prompt, parts=args.parts, batch_size=args.batch_size,
-                      save_dir=args.save_images, log=lambda msg: print(msg, file=sys.stderr))
+                      save_dir=args.save_images, log=lambda msg: print(msg, file=sys.stderr),
+                      threshold=args.threshold)
     result["model"] = str(args.model) if args.model else "embedded face-s"
     result["backend"], result["dtype"] = args.backend, args.dtype
     text = markdown_report(result)

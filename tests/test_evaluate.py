@@ -15,6 +15,7 @@ from fastface.evaluate import (
     add_arguments,
     attribute_prompts,
     evaluate,
+    evaluate_generation,
     image_psnr,
     main,
     markdown_report,
@@ -203,3 +204,15 @@ def test_eval_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["faces"] == 2 and 0.0 <= result["vqa"]["mean"] <= 1.0 and result["psnr"]["psnr_db"] > 0
     assert "mean over attributes" in md.read_text() and "mean over attributes" in capsys.readouterr().out
+
+
+def test_generation_with_confidence_threshold_reports_steps_run(tiny_pipe, faces, capsys):
+    clf = AttributeClassifier.from_name("tiny").eval()
+    kw = dict(steps=4, guidance=1.0, per_prompt=2, batch_size=2)
+    eager = evaluate_generation(tiny_pipe, clf, faces["images"][:4], faces["attrs"][:4], threshold=1e-6, **kw)
+    assert eager["threshold"] == 1e-6 and eager["mean_steps_run"] == 1.0  # every sampled token passes at once
+    exact = evaluate_generation(tiny_pipe, clf, faces["images"][:4], faces["attrs"][:4], **kw)
+    assert exact["threshold"] is None and exact["mean_steps_run"] == 4.0
+    assert "threshold 1e-06 (1.0 steps run" in markdown_report({"faces": 4, "seed": 0, "generation": eager})
+    assert main(["--threshold", "1.5", "--parts", "generation"]) == 2
+    assert "--threshold must lie in (0, 1], got 1.5" in capsys.readouterr().err
