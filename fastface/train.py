@@ -395,6 +395,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--mmu-fraction", type=float, default=0.5, help="fraction of understanding examples")
+    p.add_argument("--qa-per-example", type=int, default=3,
+                   help="question-answer turns per understanding example (face world; default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
@@ -414,7 +416,8 @@ def build_data(args, config: FaceConfig):
         return SyntheticData(config, seed=args.seed), build_text_tokenizer(words), None
     from fastface.data.training import FaceWorldData
 
-    data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer)
+    data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer,
+                               qa_per_example=args.qa_per_example)
     return data, data.tokenizer, data.image_tokenizer
 
 

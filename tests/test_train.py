@@ -69,3 +69,29 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * abs(a), f"loss curves differ: {l1} vs {l2}"
+
+
+@pytest.mark.parametrize("qa", [1, 5])
+def test_face_world_data_understanding_rows(qa):
+    """Face-world understanding rows: the image's own tokens, then ``qa`` question-answer turns whose answers
+    (and only they) are supervised, and the answers agree with the face's attributes."""
+    from fastface.config import BOS_ID, EOS_ID
+    from fastface.data.text import answer_text
+    from fastface.data.training import FaceWorldData
+
+    cfg = FaceConfig.from_name("face-s")
+    data = FaceWorldData.build(cfg, faces=3, seed=5, qa_per_example=qa)
+    assert data.image_tokens.shape == (3, cfg.image_tokens)
+    b = make_batch(data, cfg, seed=0, step=0, batch_size=4, mmu_fraction=1.0)
+    assert len(b.mmu_rows) == 4 and not len(b.t2i_rows)
+    values = {answer_text(k, v) for a in data.attrs for k, v in vars(a).items() if isinstance(v, str)}
+    for j, row in enumerate(b.mmu_rows.tolist()):
+        ids = b.input_ids[row]
+        assert int((ids == BOS_ID).sum()) == qa
+        # supervised next tokens: each answer's words and its <eos>, qa answers in all
+        targets = b.next_targets[j][b.answer_mask[j]]
+        assert int((targets == EOS_ID).sum()) == qa
+        words = data.tokenizer.decode(targets[targets != EOS_ID].tolist()).split()
+        assert words and all(any(w in v.split() for v in values | {"yes", "no"}) for w in words)
+    with pytest.raises(ValueError, match="qa_per_example"):
+        FaceWorldData.build(cfg, faces=1, qa_per_example=0)

@@ -48,21 +48,25 @@ class FaceWorldData:
     image_tokens: torch.Tensor  # [n, N] int64
     tokenizer: object
     image_tokenizer: object
+    qa_per_example: int = QA_PER_EXAMPLE
 
     def __len__(self):
         return len(self.attrs)
 
     @classmethod
-    def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True):
+    def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True,
+              qa_per_example: int = QA_PER_EXAMPLE):
         from fastface.data.faceworld import make_dataset
         from fastface.tokenizer import default_text_tokenizer
 
+        if not isinstance(qa_per_example, int) or qa_per_example < 1:
+            raise ValueError(f"qa_per_example must be a positive int, got {qa_per_example!r}")
         if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
             image_tokenizer = load_image_tokenizer(image_tokenizer)
         data = make_dataset(faces, seed=seed, captions=False)
         tokens = encode_images(image_tokenizer, data["images"])
         return cls(config, data["attrs"], tokens, default_text_tokenizer(config.text_vocab_size),
-                   image_tokenizer)
+                   image_tokenizer, qa_per_example)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -76,5 +80,5 @@ class FaceWorldData:
     def mmu_example(self, index: int, gen: torch.Generator):
         from fastface.data.text import vqa_pairs
 
-        pairs = vqa_pairs(self.attrs[index], _np_rng(gen), QA_PER_EXAMPLE)
+        pairs = vqa_pairs(self.attrs[index], _np_rng(gen), self.qa_per_example)
         return self.image_tokens[index], [(self.encode(q), self.encode(a)) for q, a in pairs]
