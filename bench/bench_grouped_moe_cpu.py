@@ -175,7 +175,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T = 1, 64, 512 only, fewer repeats")
     ap.add_argument("--out", default="bench_grouped_moe_cpu", help="results/<name>.json")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="precisions to run (default: both; bfloat16 is slow to measure on CPUs without bf16 "
+                         "matrix instructions, where the transformers contenders fall back to scalar code)")
+    ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
 
     if args.quick:
         cases = [("mixtral", MIXTRAL, T) for T in (1, 64, 512)] + [("showo-1b", SHOWO, 8)]
@@ -188,7 +195,7 @@ def main(argv=None):
     info = machine_info()
     info["transformers"] = transformers.__version__
     ceil = {"memcpy_GBps": memcpy_bandwidth(),
-            "gemm_GFLOPs": {str(dt): gemm_gflops(dt) for dt in (torch.float32, torch.bfloat16)}}
+            "gemm_GFLOPs": {str(dt): gemm_gflops(dt) for dt in dtypes}}
     print(f"# {info['cpu']}, {info['logical_cpus']} cpus, torch {info['torch']}, transformers {info['transformers']}")
     print(f"# ceilings: memcpy {ceil['memcpy_GBps']:.1f} GB/s (read+write), GEMM "
           + ", ".join(f"{k.replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in ceil["gemm_GFLOPs"].items()))
@@ -196,7 +203,8 @@ def main(argv=None):
           "| speedup vs best transformers | roofline fraction |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    info["threads"] = torch.get_num_threads()
+    for dtype in dtypes:
         for shape_name, shape, T in cases:
             row = bench_case(shape_name, shape, T, dtype, ceil, rounds=rounds, min_time=min_time,
                              skip_reference=args.quick and T >= 4096)
