@@ -405,6 +405,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log); resumes from it if present")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has checkpoints")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint directory's weights (e.g. fastface/assets/face-s) with a fresh "
+                        "optimiser and schedule; a resumable state in --out takes precedence")
 
 
 def build_data(args, config: FaceConfig):
@@ -421,6 +424,19 @@ def build_data(args, config: FaceConfig):
     return data, data.tokenizer, data.image_tokenizer
 
 
+def init_weights(model, path) -> None:
+    """Copy the transformer weights of checkpoint ``path`` into ``model`` (float32); the configs must match."""
+    source, _, _, _ = load_checkpoint(path, dtype=torch.float32)
+    want, got = model.config.to_dict(), source.config.to_dict()
+    diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    if diff:
+        raise ValueError(f"--init {path}: its config differs from the run's in {', '.join(diff)} "
+                         f"(run: {[want.get(k) for k in diff]}, checkpoint: {[got.get(k) for k in diff]})")
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(source.state_dict()[name])
+
+
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -435,6 +451,8 @@ def run(args) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     model = FaceTransformer(config)
     model.reset_parameters(args.seed)
+    if args.init:
+        init_weights(model, args.init)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
                              autocast=args.bf16,

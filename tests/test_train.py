@@ -95,3 +95,24 @@ def test_face_world_data_understanding_rows(qa):
         assert words and all(any(w in v.split() for v in values | {"yes", "no"}) for w in words)
     with pytest.raises(ValueError, match="qa_per_example"):
         FaceWorldData.build(cfg, faces=1, qa_per_example=0)
+
+
+def test_init_from_a_checkpoint(tmp_path, capsys):
+    """``--init`` starts a new run from another run's weights: with learning rate 0 they come out unchanged."""
+    from fastface.checkpoint import load_checkpoint
+    from fastface.train import main
+
+    base = ["--preset", "tiny", "--data", "synthetic", "--batch-size", "4", "--threads", "1"]
+    assert main([*base, "--steps", "2", "--save-every", "2", "--out", str(tmp_path / "a")]) == 0
+    src = latest_state(tmp_path / "a")
+    assert main([*base, "--steps", "1", "--lr", "0", "--init", str(src), "--out", str(tmp_path / "b")]) == 0
+    before, _, _, _ = load_checkpoint(src)
+    after, _, _, _ = load_checkpoint(latest_state(tmp_path / "b"))
+    fresh = FaceTransformer(before.config)
+    fresh.reset_parameters(0)
+    for (name, p), q in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, r) for p, r in zip(before.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ValueError, match="config differs"):
+        main(["--preset", "face-s", "--data", "synthetic", "--steps", "1", "--init", str(src),
+              "--out", str(tmp_path / "c")])
