@@ -32,6 +32,7 @@ import torch.distributed as dist
 from fastface import ops
 from fastface.checkpoint import load_checkpoint, save_checkpoint
 from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
+from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
 from fastface.model import FaceTransformer
 from fastface.prompts import t2i_prompt_ids, t2i_sequence
@@ -395,8 +396,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--mmu-fraction", type=float, default=0.5, help="fraction of understanding examples")
-    p.add_argument("--qa-per-example", type=int, default=3,
-                   help="question-answer turns per understanding example (face world; default: 3)")
+    p.add_argument("--qa-per-example", type=int, default=QA_PER_EXAMPLE,
+                   help=f"question-answer turns per understanding example (face world; default: {QA_PER_EXAMPLE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
@@ -432,9 +433,7 @@ def init_weights(model, path) -> None:
     if diff:
         raise ValueError(f"--init {path}: its config differs from the run's in {', '.join(diff)} "
                          f"(run: {[want.get(k) for k in diff]}, checkpoint: {[got.get(k) for k in diff]})")
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            p.copy_(source.state_dict()[name])
+    model.load_state_dict(source.state_dict())
 
 
 def run(args) -> int:

@@ -97,7 +97,7 @@ def test_face_world_data_understanding_rows(qa):
         FaceWorldData.build(cfg, faces=1, qa_per_example=0)
 
 
-def test_init_from_a_checkpoint(tmp_path, capsys):
+def test_init_from_a_checkpoint(tmp_path):
     """``--init`` starts a new run from another run's weights: with learning rate 0 they come out unchanged."""
     from fastface.checkpoint import load_checkpoint
     from fastface.train import main
