@@ -14,14 +14,19 @@ a feature is (hat vs hair, lips vs cheeks):
 - stem: fold each 2x2 pixel block into 12 channels (nothing is lost: the iris is ~4 px wide), conv3x3 to
   ``channels[0]`` at 32x32
 - per further level: conv3x3 stride 2, conv3x3 (BatchNorm + ReLU after each): 16, 8, 4 px
-- flatten the 4x4 map -> linear -> ``feature`` [B, sem_dim] (ReLU); ``e_sem`` is that feature, l2-normalised
+- flatten the 4x4 map -> linear -> ``feature`` [B, sem_dim] (no activation: a ReLU there let 28 of 64 units die
+  early in training, and the heads of slow attributes such as eyebrows never recovered); ``e_sem`` is that
+  feature, l2-normalised
 - one linear softmax head per attribute on the feature (``ATTRIBUTES`` order)
 - identity head: MLP on the feature -> ``e_id`` [B, id_dim], l2-normalised; trained contrastively (InfoNCE)
   on pairs of renders of one person with different hair, accessories, makeup, pose and lighting
 
 Training (``train_classifier``; ``python -m fastface.perception --train``): a fixed set of rendered pairs,
 shifted by up to 2 px, mirrored, with small brightness, contrast and noise jitter; cross-entropy per head
-(eye colour is not scored behind sunglasses: it cannot be seen), plus the identity loss. Files are
+(eye colour is not scored behind sunglasses: it cannot be seen), plus the identity loss. The heads are
+balanced by their running loss (``balanced_weights``): an attribute still near chance gets a larger share of
+the gradient than one already learned, so thin-line attributes (eyebrow shape, age wrinkles) leave their long
+plateau instead of waiting behind 19 easy heads. Files are
 safetensors with the config in their metadata (and beside them as JSON); never pickle.
 """
 
@@ -58,6 +63,7 @@ class PerceptionConfig:
     id_hidden: int = 128
     id_temperature: float = 0.1  # InfoNCE temperature of the identity loss
     id_weight: float = 0.2  # weight of the identity loss beside the mean attribute cross-entropy
+    feature_activation: str = "none"  # on the shared feature: "none", or "relu" (files written before this field)
     attributes: tuple[str, ...] = tuple(ATTRIBUTES)
     num_values: tuple[int, ...] = tuple(len(v) for v in ATTRIBUTES.values())
 
@@ -75,6 +81,9 @@ class PerceptionConfig:
             raise ValueError(f"image_size={self.image_size} is not divisible by the downsampling {self.downsample}")
         if len(self.attributes) != len(self.num_values) or min(self.num_values, default=0) < 2:
             raise ValueError("PerceptionConfig.attributes and num_values must pair up, >= 2 values each")
+        if self.feature_activation not in ("none", "relu"):
+            raise ValueError(f"PerceptionConfig.feature_activation must be 'none' or 'relu', "
+                             f"got {self.feature_activation!r}")
         if self.id_temperature <= 0:
             raise ValueError(f"PerceptionConfig.id_temperature must be > 0, got {self.id_temperature}")
 
@@ -101,7 +110,7 @@ class PerceptionConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown PerceptionConfig field(s): {', '.join(map(repr, unknown))}")
-        return cls(**data)
+        return cls(**{"feature_activation": "relu", **data})  # files from before the field had a ReLU there
 
 
 PRESETS = {
@@ -227,8 +236,9 @@ class AttributeClassifier(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float [B, 3, S, S] -> shared feature [B, sem_dim] (non-negative)."""
-        return F.relu(self.fc(self.trunk(x).flatten(1)))
+        """Normalised float [B, 3, S, S] -> shared feature [B, sem_dim]."""
+        h = self.fc(self.trunk(x).flatten(1))
+        return F.relu(h) if self.config.feature_activation == "relu" else h
 
     def forward(self, x: torch.Tensor):
         """Normalised float [B, 3, S, S] -> (list of logits [B, n_values] per attribute, e_id [B, id_dim])."""
@@ -368,14 +378,39 @@ def identity_loss(e_id: torch.Tensor, identity: torch.Tensor, temperature: float
     return -pos.mean()
 
 
-def attribute_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Mean over attributes of the cross-entropy of each head (``IGNORE`` labels not scored)."""
-    losses = []
+def attribute_losses(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each head [n_attributes] (``IGNORE`` labels not scored; NaN where a head has no label)."""
+    out = []
     for k, lg in enumerate(logits):
         y = labels[:, k]
-        if bool((y != IGNORE).any()):
-            losses.append(F.cross_entropy(lg, y, ignore_index=IGNORE))
-    return torch.stack(losses).mean()
+        has = bool((y != IGNORE).any())
+        out.append(F.cross_entropy(lg, y, ignore_index=IGNORE) if has else lg.new_full((), float("nan")))
+    return torch.stack(out)
+
+
+def attribute_loss(logits: list[torch.Tensor], labels: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over attributes of the cross-entropy of each head (``IGNORE`` labels not scored), each head's term
+    multiplied by ``weights[k]`` when given (heads without labels drop out of the mean)."""
+    losses = attribute_losses(logits, labels)
+    keep = ~torch.isnan(losses)
+    if not bool(keep.any()):
+        raise ValueError("attribute_loss: every label in the batch is IGNORE")
+    if weights is not None:
+        if weights.shape != losses.shape:
+            raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
+        losses = losses * weights.to(losses.dtype)
+    return losses[keep].mean()
+
+
+def balanced_weights(running: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
+    """Per-attribute loss weights from running cross-entropies [n_attributes]: proportional to each head's
+    running loss, mean 1 over the heads, each at most ``cap`` (a head near chance pulls harder than a learned one).
+    """
+    if running.dim() != 1 or not bool(torch.isfinite(running).all()) or bool((running < 0).any()):
+        raise ValueError(f"running losses must be a finite non-negative vector, got {running}")
+    w = running / running.mean().clamp_min(1e-8)
+    return w.clamp(max=cap)
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -408,13 +443,14 @@ def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 600
                      lr: float = 3e-3, weight_decay: float = 1e-4, n_pairs: int = 10000, n_eval: int = 2000,
                      seed: int = 0, threads: int | None = 1, time_limit: float | None = None, log_every: int = 100,
                      out=None, train_data: dict | None = None, eval_data: dict | None = None,
-                     log=print) -> tuple[AttributeClassifier, dict]:
+                     balance: bool = True, log=print) -> tuple[AttributeClassifier, dict]:
     """Train an ``AttributeClassifier`` on face-world renders; returns (model in eval mode, metrics).
 
     Data: ``identity_pairs(n_pairs, seed)`` (identities below ``HELD_OUT_IDENTITIES``), augmented by
     ``augment``; batches hold whole pairs. Held-out: ``held_out_faces(n_eval, 10_000 + seed)``. AdamW with
     warm-up and cosine decay; stops after ``steps`` or ``time_limit`` seconds (the schedule then follows the
-    clock). ``train_data`` / ``eval_data`` (dicts with ``images``, ``labels`` and for training ``identity``)
+    clock). With ``balance`` the heads' cross-entropies are weighted by ``balanced_weights`` of their running
+    (EMA) values. ``train_data`` / ``eval_data`` (dicts with ``images``, ``labels`` and for training ``identity``)
     replace the rendered sets. With ``out`` the model is saved there. Metrics: per-attribute held-out accuracy,
     its mean, steps, wall time.
     """
@@ -443,6 +479,7 @@ def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 600
     n_pair_rows = n // 2
     pairs_per_batch = max(1, batch_size // 2)
     warmup = max(1, min(200, steps // 20))
+    running = torch.tensor([math.log(k) for k in config.num_values])  # each head starts at chance
     t0 = time.perf_counter()
     losses, id_losses = [], []
     step = 0
@@ -461,9 +498,16 @@ def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 600
         x = augment(images[idx].permute(0, 3, 1, 2).float() / 255.0, gen)
         x = ((x - model.pixel_mean) / model.pixel_std).contiguous(memory_format=torch.channels_last)
         logits, e_id = model(x)
-        ce = attribute_loss(logits, labels[idx])
+        per_head = attribute_losses(logits, labels[idx])
+        seen = ~torch.isnan(per_head)
+        ce = per_head[seen].mean()  # logged unweighted
+        if balance:
+            running = torch.where(seen, 0.98 * running + 0.02 * per_head.detach().nan_to_num(), running)
+            ce_train = (per_head[seen] * balanced_weights(running)[seen]).mean()
+        else:
+            ce_train = ce
         idl = identity_loss(e_id, identity[idx], config.id_temperature)
-        loss = ce + config.id_weight * idl
+        loss = ce_train + config.id_weight * idl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -472,7 +516,9 @@ def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 600
         if log_every and step % log_every == 0:
             rate = step * len(idx) / (time.perf_counter() - t0)
             log(f"step {step:6d}  ce {np.mean(losses[-log_every:]):.4f}  id {np.mean(id_losses[-log_every:]):.3f}"
-                f"  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  {time.perf_counter() - t0:.0f} s")
+                f"  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  {time.perf_counter() - t0:.0f} s"
+                + (f"  hardest {config.attributes[int(running.argmax())]} {float(running.max()):.3f}"
+                   if balance else ""))
     train_time = time.perf_counter() - t0
     model = model.to(memory_format=torch.contiguous_format).eval()
     eval_labels = visible_labels(eval_data["attrs"]) if "attrs" in eval_data else eval_data["labels"]
@@ -488,6 +534,9 @@ def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 600
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "final_train_ce": float(np.mean(losses[-100:])) if losses else None,
         "final_identity_loss": float(np.mean(id_losses[-100:])) if id_losses else None,
+        "balanced": bool(balance),
+        "final_head_weights": ({k: round(float(w), 3) for k, w in zip(config.attributes, balanced_weights(running))}
+                               if balance else None),
     }
     log("metrics: " + json.dumps(metrics))
     if out is not None:
@@ -509,6 +558,8 @@ def _main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--pairs", type=int, default=10000, help="training pairs (2 faces of one person each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-balance", action="store_true",
+                        help="plain mean of the heads' cross-entropies (default: weighted by their running loss)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared 2-core box: no spinning between threads)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
@@ -518,7 +569,7 @@ def _main(argv=None):
     if args.train:
         config = PerceptionConfig(**PRESETS[args.preset])
         train_classifier(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_pairs=args.pairs,
-                         seed=args.seed, threads=args.threads,
+                         seed=args.seed, threads=args.threads, balance=not args.no_balance,
                          time_limit=None if args.minutes is None else 60 * args.minutes, out=args.out)
     if args.eval:
         model = AttributeClassifier.load(args.out)

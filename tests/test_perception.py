@@ -14,7 +14,9 @@ from fastface.perception import (
     PerceptionConfig,
     accuracy_table,
     attribute_loss,
+    attribute_losses,
     augment,
+    balanced_weights,
     identity_loss,
     identity_pairs,
     mean_accuracy,
@@ -194,3 +196,46 @@ def test_accuracy_table_scoring():
     assert accuracy_table(labels.clip(0), labels, names=["a", "b"])["b"]["accuracy"] == 1.0
     with pytest.raises(ValueError, match="must both be"):
         accuracy_table(pred[:, :1], labels, names=["a", "b"])
+
+
+def test_attribute_loss_weights_and_ignored_heads():
+    gen = torch.Generator().manual_seed(3)
+    logits = [torch.randn(5, 3, generator=gen), torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen)]
+    y = torch.tensor([[0, 1, IGNORE], [2, 3, IGNORE], [1, 0, IGNORE], [0, IGNORE, IGNORE], [2, 2, IGNORE]])
+    per = attribute_losses(logits, y)
+    ce0 = torch.nn.functional.cross_entropy(logits[0], y[:, 0])
+    ce1 = torch.nn.functional.cross_entropy(logits[1][[0, 1, 2, 4]], y[[0, 1, 2, 4], 1])
+    assert torch.allclose(per[:2], torch.stack([ce0, ce1])) and torch.isnan(per[2])
+    assert torch.allclose(attribute_loss(logits, y), (ce0 + ce1) / 2)  # a head with no labels drops out
+    w = torch.tensor([3.0, 0.5, 100.0])
+    assert torch.allclose(attribute_loss(logits, y, w), (3 * ce0 + 0.5 * ce1) / 2)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        attribute_loss(logits, y, torch.ones(2))
+    with pytest.raises(ValueError, match="every label"):
+        attribute_loss(logits, torch.full_like(y, IGNORE))
+
+
+def test_balanced_weights_favour_unlearned_heads():
+    running = torch.tensor([1.1, 0.05, 0.05, 0.2])
+    w = balanced_weights(running)
+    assert w.mean() == pytest.approx(1.0) and w.argmax() == 0 and w[1] == w[2] < w[3]
+    assert torch.allclose(w / w[3], running / running[3])  # proportional below the cap
+    capped = balanced_weights(torch.tensor([3.0] + [0.01] * 19), cap=5.0)  # uncapped: 18.9
+    assert float(capped.max()) == 5.0
+    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([-1.0, 1.0]), torch.ones(2, 2)):
+        with pytest.raises(ValueError, match="running losses"):
+            balanced_weights(bad)
+
+
+def test_shared_feature_is_linear_and_old_files_keep_their_relu(pairs):
+    clf = tiny()
+    h = clf.features(clf.to_input(torch.from_numpy(pairs["images"])))
+    assert clf.config.feature_activation == "none" and bool((h < 0).any())
+    old = PerceptionConfig.from_dict({k: v for k, v in PerceptionConfig().to_dict().items()
+                                      if k != "feature_activation"})
+    assert old.feature_activation == "relu"
+    legacy = AttributeClassifier(PerceptionConfig(channels=(4, 8, 8), sem_dim=16, id_dim=8, id_hidden=16,
+                                                  feature_activation="relu")).eval()
+    assert bool((legacy.features(legacy.to_input(torch.from_numpy(pairs["images"]))) >= 0).all())
+    with pytest.raises(ValueError, match="feature_activation"):
+        PerceptionConfig(feature_activation="gelu")
