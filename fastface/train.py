@@ -398,6 +398,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--mmu-fraction", type=float, default=0.5, help="fraction of understanding examples")
     p.add_argument("--qa-per-example", type=int, default=QA_PER_EXAMPLE,
                    help=f"question-answer turns per understanding example (face world; default: {QA_PER_EXAMPLE})")
+    p.add_argument("--caption-rate", type=float, default=0.0,
+                   help="share of understanding examples that first ask for the whole caption (face world; "
+                        "'what does this person look like?'; default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
@@ -421,7 +424,7 @@ def build_data(args, config: FaceConfig):
     from fastface.data.training import FaceWorldData
 
     data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer,
-                               qa_per_example=args.qa_per_example)
+                               qa_per_example=args.qa_per_example, caption_rate=args.caption_rate)
     return data, data.tokenizer, data.image_tokenizer
 
 

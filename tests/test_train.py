@@ -97,6 +97,40 @@ def test_face_world_data_understanding_rows(qa):
         FaceWorldData.build(cfg, faces=1, qa_per_example=0)
 
 
+def test_face_world_caption_turns():
+    """With ``caption_rate=1`` every understanding row opens with the caption request, and its supervised answer
+    is a caption of that very face; at rate 0 the rows are exactly those of a run without the option."""
+    from fastface.config import BOS_ID, EOS_ID, UNK_ID
+    from fastface.data.text import CAPTION_QUESTION, parse_caption
+    from fastface.data.training import FaceWorldData
+
+    cfg = FaceConfig.from_name("face-s")
+    data = FaceWorldData.build(cfg, faces=3, seed=6, qa_per_example=2, caption_rate=1.0)
+    question = data.encode(CAPTION_QUESTION)
+    assert UNK_ID not in question
+    gen = torch.Generator().manual_seed(0)
+    for index in range(3):
+        image, turns = data.mmu_example(index, gen)
+        assert torch.equal(image, data.image_tokens[index]) and len(turns) == 3 and turns[0][0] == question
+        found = parse_caption(data.tokenizer.decode(turns[0][1]))
+        attrs = vars(data.attrs[index])
+        assert len(found) >= 5 and all(attrs[name] in values for name, values in found.items()), found
+    b = make_batch(data, cfg, seed=0, step=0, batch_size=3, mmu_fraction=1.0)
+    for j, row in enumerate(b.mmu_rows.tolist()):
+        assert int((b.input_ids[row] == BOS_ID).sum()) == 3
+        targets = b.next_targets[j][b.answer_mask[j]]
+        assert int((targets == EOS_ID).sum()) == 3 and len(targets) > 3 + 10  # a caption is many tokens
+    plain = FaceWorldData(cfg, data.attrs, data.image_tokens, data.tokenizer, data.image_tokenizer, 2)
+    zero = FaceWorldData(cfg, data.attrs, data.image_tokens, data.tokenizer, data.image_tokenizer, 2, 0.0)
+    for step in range(3):
+        a = make_batch(plain, cfg, seed=1, step=step, batch_size=4, mmu_fraction=1.0)
+        z = make_batch(zero, cfg, seed=1, step=step, batch_size=4, mmu_fraction=1.0)
+        assert torch.equal(a.input_ids, z.input_ids) and torch.equal(a.answer_mask, z.answer_mask)
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="caption_rate"):
+            FaceWorldData.build(cfg, faces=1, caption_rate=bad)
+
+
 def test_init_from_a_checkpoint(tmp_path):
     """``--init`` starts a new run from another run's weights: with learning rate 0 they come out unchanged."""
     from fastface.checkpoint import load_checkpoint

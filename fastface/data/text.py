@@ -293,6 +293,9 @@ _OPEN_QUESTIONS: dict[str, tuple[str, ...]] = {
     "shirt_colour": ("what colour is {her} shirt?", "what colour shirt is {she} wearing?"),
 }
 
+# the request for a whole description (understanding turns whose answer is a caption); vocabulary words only
+CAPTION_QUESTION = "what does this person look like?"
+
 # yes/no questions about one value: attribute -> template with {v} (the value's words)
 _YESNO_VALUE: dict[str, tuple[str, ...]] = {
     "gender": ("is this a {v}?",),
@@ -416,6 +419,7 @@ def vocabulary() -> list[str]:
     for forms, _ in _YESNO_PRESENCE.values():
         texts += [f.format(she="", her="") for f in forms]
     texts += [f.format(she="", her="") for f in _STYLE_YESNO.values()] + list(_EXPRESSION_ING.values())
+    texts.append(CAPTION_QUESTION)
     words = set()
     for t in texts:
         words.update(split_words(t))

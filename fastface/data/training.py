@@ -49,24 +49,27 @@ class FaceWorldData:
     tokenizer: object
     image_tokenizer: object
     qa_per_example: int = QA_PER_EXAMPLE
+    caption_rate: float = 0.0  # share of understanding examples whose first turn asks for the whole caption
 
     def __len__(self):
         return len(self.attrs)
 
     @classmethod
     def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True,
-              qa_per_example: int = QA_PER_EXAMPLE):
+              qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0):
         from fastface.data.faceworld import make_dataset
         from fastface.tokenizer import default_text_tokenizer
 
         if not isinstance(qa_per_example, int) or qa_per_example < 1:
             raise ValueError(f"qa_per_example must be a positive int, got {qa_per_example!r}")
+        if not isinstance(caption_rate, (int, float)) or not 0 <= caption_rate <= 1:
+            raise ValueError(f"caption_rate must lie in [0, 1], got {caption_rate!r}")
         if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
             image_tokenizer = load_image_tokenizer(image_tokenizer)
         data = make_dataset(faces, seed=seed, captions=False)
         tokens = encode_images(image_tokenizer, data["images"])
         return cls(config, data["attrs"], tokens, default_text_tokenizer(config.text_vocab_size),
-                   image_tokenizer, qa_per_example)
+                   image_tokenizer, qa_per_example, float(caption_rate))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -78,7 +81,12 @@ class FaceWorldData:
         return self.encode(text), self.image_tokens[index]
 
     def mmu_example(self, index: int, gen: torch.Generator):
-        from fastface.data.text import vqa_pairs
+        from fastface.data.text import CAPTION_QUESTION, caption, vqa_pairs
 
-        pairs = vqa_pairs(self.attrs[index], _np_rng(gen), self.qa_per_example)
+        rng = _np_rng(gen)
+        pairs = []
+        if self.caption_rate and rng.random() < self.caption_rate:  # no draw at rate 0: older runs replay exactly
+            text = caption(self.attrs[index], rng, max_tokens=self.config.max_text_len - 3)
+            pairs.append((CAPTION_QUESTION, text))
+        pairs += vqa_pairs(self.attrs[index], rng, self.qa_per_example)
         return self.image_tokens[index], [(self.encode(q), self.encode(a)) for q, a in pairs]
