@@ -25,8 +25,8 @@ Training (``train_classifier``; ``python -m fastface.perception --train``): a fi
 shifted by up to 2 px, mirrored, with small brightness, contrast and noise jitter; cross-entropy per head
 (eye colour is not scored behind sunglasses: it cannot be seen), plus the identity loss. The heads are
 balanced by their running loss (``balanced_weights``): an attribute still near chance gets a larger share of
-the gradient than one already learned, so thin-line attributes (eyebrow shape, age wrinkles) leave their long
-plateau instead of waiting behind 19 easy heads. Files are
+the gradient than one already learned, so a thin-line attribute (eyebrow shape: chance for its first ~2000
+steps) leaves its plateau instead of waiting behind 19 easy heads. Files are
 safetensors with the config in their metadata (and beside them as JSON); never pickle.
 """
 
@@ -440,7 +440,7 @@ def mean_accuracy(table: dict[str, dict]) -> float:
 # -------------------------------------------------------------------------------------- training
 
 def train_classifier(config: PerceptionConfig | None = None, *, steps: int = 6000, batch_size: int = 64,
-                     lr: float = 3e-3, weight_decay: float = 1e-4, n_pairs: int = 10000, n_eval: int = 2000,
+                     lr: float = 1e-3, weight_decay: float = 1e-4, n_pairs: int = 10000, n_eval: int = 2000,
                      seed: int = 0, threads: int | None = 1, time_limit: float | None = None, log_every: int = 100,
                      out=None, train_data: dict | None = None, eval_data: dict | None = None,
                      balance: bool = True, log=print) -> tuple[AttributeClassifier, dict]:
@@ -555,7 +555,7 @@ def _main(argv=None):
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=10000, help="training pairs (2 faces of one person each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-balance", action="store_true",
