@@ -405,7 +405,8 @@ def attribute_loss(logits: list[torch.Tensor], labels: torch.Tensor,
 
 def balanced_weights(running: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
     """Per-attribute loss weights from running cross-entropies [n_attributes]: proportional to each head's
-    running loss, mean 1 over the heads, each at most ``cap`` (a head near chance pulls harder than a learned one).
+    running loss, scaled to mean 1 over the heads, then capped at ``cap`` (a head near chance pulls harder than a
+    learned one).
     """
     if running.dim() != 1 or not bool(torch.isfinite(running).all()) or bool((running < 0).any()):
         raise ValueError(f"running losses must be a finite non-negative vector, got {running}")

@@ -126,7 +126,7 @@ def test_face_world_caption_turns():
         a = make_batch(plain, cfg, seed=1, step=step, batch_size=4, mmu_fraction=1.0)
         z = make_batch(zero, cfg, seed=1, step=step, batch_size=4, mmu_fraction=1.0)
         assert torch.equal(a.input_ids, z.input_ids) and torch.equal(a.answer_mask, z.answer_mask)
-    for bad in (-0.1, 1.5, "half"):
+    for bad in (-0.1, 1.5, "half", True):
         with pytest.raises(ValueError, match="caption_rate"):
             FaceWorldData.build(cfg, faces=1, caption_rate=bad)
 

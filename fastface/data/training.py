@@ -62,7 +62,7 @@ class FaceWorldData:
 
         if not isinstance(qa_per_example, int) or qa_per_example < 1:
             raise ValueError(f"qa_per_example must be a positive int, got {qa_per_example!r}")
-        if not isinstance(caption_rate, (int, float)) or not 0 <= caption_rate <= 1:
+        if isinstance(caption_rate, bool) or not isinstance(caption_rate, (int, float)) or not 0 <= caption_rate <= 1:
             raise ValueError(f"caption_rate must lie in [0, 1], got {caption_rate!r}")
         if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
             image_tokenizer = load_image_tokenizer(image_tokenizer)
