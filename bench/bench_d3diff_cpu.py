@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_common import machine_info, memcpy_bandwidth, timeit, write  # noqa: E402
 
 from fastface import _cpp  # noqa: E402
-from fastface.loss import d3diff_loss_reference  # noqa: E402
+from fastface.ops.d3diff import d3diff_loss_reference  # noqa: E402
 
 IMPLS = {"cpp": _cpp.d3diff_loss, "reference": d3diff_loss_reference}
 

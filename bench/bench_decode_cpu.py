@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_common import machine_info, memcpy_bandwidth, timeit, write  # noqa: E402
 
 from fastface import _cpp  # noqa: E402
-from fastface.sampling import masked_decode_step_reference  # noqa: E402
+from fastface.ops.masked_decode import masked_decode_step_reference  # noqa: E402
 
 
 def inputs(B, N, V, dtype, masked_fraction, seed=0):

@@ -11,7 +11,7 @@ Ops, shapes (issue 3's, plus showo-1b from ``fastface.config.PRESETS``) and impl
   moe        grouped MoE forward. Mixtral-like H=1024, F=2816, E=8, k=2 and showo-1b-like H=2048, F=2048, E=8,
              k=2, one group and no shared expert (as transformers models), T = 1, 8, 64, 512, 4096; and showo-1b as
              fastface runs it (G=2 groups, mixed, one shared expert) at T = 64 and 4096.
-             impls: triton (fastface.kernels.grouped_moe), reference (fastface.moe: a loop over experts),
+             impls: triton (fastface.kernels.grouped_moe), reference (fastface.ops.moe: a loop over experts),
              transformers MixtralSparseMoeBlock with experts_implementation "grouped_mm" (torch grouped GEMMs, the
              peer) and "eager" -- same weights, router included everywhere.
   moe_bwd    forward + backward (grads of x and every weight) at T = 512, 4096: triton, reference, transformers
@@ -301,7 +301,7 @@ def _bench_moe_case(device, dtype_name, label, s, T, clock, opts, backward):
     import torch
 
     from fastface.kernels.grouped_moe import grouped_moe
-    from fastface.moe import grouped_moe_reference
+    from fastface.ops.moe import grouped_moe_reference
     from fastface.testing import make_moe_inputs
 
     dtype = _dt(dtype_name)
@@ -387,7 +387,7 @@ def _bench_decode_case(device, dtype_name, label, s, phase, clock, opts):
     import torch
 
     from fastface.kernels.masked_decode import masked_decode_step
-    from fastface.sampling import masked_decode_step_reference
+    from fastface.ops.masked_decode import masked_decode_step_reference
 
     dtype = _dt(dtype_name)
     B, N, V = s["B"], s["N"], s["V"]
@@ -443,7 +443,7 @@ def _bench_d3diff_case(device, dtype_name, label, s, clock, opts):
     import torch
 
     from fastface.kernels.d3diff import d3diff_loss
-    from fastface.loss import d3diff_loss_reference
+    from fastface.ops.d3diff import d3diff_loss_reference
 
     dtype = _dt(dtype_name)
     M, V, alpha = s["M"], s["V"], 0.1

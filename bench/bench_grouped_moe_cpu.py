@@ -14,7 +14,7 @@ Contenders, all on the same weights, each timing a whole MoE layer (router + exp
 - ``fastface_hf``: transformers' ``MixtralSparseMoeBlock`` with ``experts_implementation="fastface"``
 - ``eager``, ``grouped_mm``, ``batched_mm``: the same block with transformers' own experts implementations
   (``batched_mm`` gathers a [T*K, 2F, H] weight copy: only run at T <= 8)
-- ``reference``: ``fastface.moe.grouped_moe_reference`` (float32 loop over experts)
+- ``reference``: ``fastface.ops.moe.grouped_moe_reference`` (float32 loop over experts)
 Every contender's output is checked before timing (fastface against the reference, the transformers
 blocks, whose bf16 router rounds its logits, against transformers' eager block). Repetitions are interleaved
 (one run of each contender per round) so that load from other processes hits all of them alike; the
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_common import machine_info, memcpy_bandwidth, write  # noqa: E402
 
 from fastface import _C, _cpp  # noqa: E402
-from fastface.moe import grouped_moe_reference  # noqa: E402
+from fastface.ops.moe import grouped_moe_reference  # noqa: E402
 
 MIXTRAL = dict(H=1024, F=2816, E=8, K=2)
 SHOWO = dict(H=2048, F=2048, E=8, K=2)

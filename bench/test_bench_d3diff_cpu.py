@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("fastface._C", reason="fastface._C is not built")
 
 from fastface import _cpp  # noqa: E402
-from fastface.loss import d3diff_loss_reference  # noqa: E402
+from fastface.ops.d3diff import d3diff_loss_reference  # noqa: E402
 
 IMPLS = {"cpp": _cpp.d3diff_loss, "reference": d3diff_loss_reference}
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("fastface._C", reason="fastface._C is not built")
 
 from fastface import _cpp  # noqa: E402
-from fastface.sampling import masked_decode_step_reference  # noqa: E402
+from fastface.ops.masked_decode import masked_decode_step_reference  # noqa: E402
 from fastface.testing import make_decode_inputs  # noqa: E402
 
 IMPLS = {"cpp": _cpp.masked_decode_step, "reference": masked_decode_step_reference}

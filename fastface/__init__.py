@@ -4,6 +4,9 @@
     pipe = fastface.load()                                   # embedded default model, offline
     images = pipe.generate(["a smiling woman with red hair"], steps=16, guidance=2.0, seed=0)
     answers = pipe.answer(images, ["what colour is her hair?"])
+
+Importing the package only defines names. The transformers integration (the C++ experts kernel as
+``experts_implementation="fastface"``) registers when ``fastface.hf`` is imported.
 """
 
 from fastface import ops
@@ -18,15 +21,5 @@ def load(path=None, *, backend="auto", dtype="float32"):
 
     return _load(path, backend=backend, dtype=dtype)
 
-
-def _register_integrations():
-    try:
-        from fastface import hf
-    except ImportError:  # transformers is optional
-        return
-    hf.register()
-
-
-_register_integrations()
 
 __all__ = ["FaceConfig", "PRESETS", "load", "ops", "__version__"]

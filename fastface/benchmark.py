@@ -97,36 +97,26 @@ def question_ids(config: FaceConfig, batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def _generate(model, backend, ids, steps, guidance, seeds, timers=None, threshold=None):
-    from fastface.sampling import generate_image_tokens
-
-    if backend == "reference":
-        model.set_backend("reference")
-        return generate_image_tokens(model, ids, steps=steps, guidance=guidance, seeds=seeds, backend="reference")
-    engine = _engine(model, backend)
-    return engine.generate_image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds, timers=timers,
-                                        threshold=threshold)
+    return _decoder(model, backend).image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds, timers=timers,
+                                                 threshold=threshold)
 
 
 def _answer(model, backend, ids, max_new, timers=None):
-    from fastface.sampling import generate_answer_ids
-
-    kw = dict(max_new_tokens=max_new, allowed_vocab=model.config.text_vocab_size)
-    if backend == "reference":
-        model.set_backend("reference")
-        return generate_answer_ids(model, ids, **kw)
-    return _engine(model, backend).generate_answer_ids(ids, timers=timers, **kw)
+    return _decoder(model, backend).answer_ids(ids, max_new_tokens=max_new,
+                                               allowed_vocab=model.config.text_vocab_size, timers=timers)
 
 
-_ENGINES: dict = {}
+_DECODERS: dict = {}
 
 
-def _engine(model, backend):
-    from fastface.engine import Engine
+def _decoder(model, backend):
+    """One ``Decoder`` per (model, backend): the same choice of loop as the pipeline's, engines kept warm."""
+    from fastface.decoding import Decoder
 
     key = (id(model), backend)
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(model, backend=backend)
-    return _ENGINES[key]
+    if key not in _DECODERS:
+        _DECODERS[key] = Decoder(model, backend)
+    return _DECODERS[key]
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -163,7 +153,7 @@ def usable_backends(requested) -> list[str]:
 def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, repeats, warmup, answer=True,
               breakdown=True, reference_dtypes=("float32",), progress=None) -> list[dict]:
     """Every (task, backend, dtype, batch) case: a list of result dicts."""
-    from fastface.engine import Timers
+    from fastface.profiling import Timers
 
     cfg = subject.config
     cases = []
@@ -249,11 +239,12 @@ def threshold_study(subject: Subject, *, backend, dtype, batch, steps, guidance,
     base = _generate(model, backend, ids, steps, guidance, seeds)
     rows = []
     for thr in thresholds:
-        engine = _engine(model, backend)
+        ran = []  # one entry per forward pass actually run
         t0 = time.perf_counter()
-        tokens = engine.generate_image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds, threshold=thr)
+        tokens = _decoder(model, backend).image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds,
+                                                       threshold=thr, callback=lambda *_: ran.append(1))
         secs = time.perf_counter() - t0
-        run = engine.last_stats.steps_run
+        run = len(ran)
         rows.append(dict(threshold=thr, steps=steps, steps_run=run, steps_saved=steps - run, seconds=round(secs, 4),
                          token_agreement_with_schedule=round(float((tokens == base).float().mean()), 4)))
     return rows
@@ -388,26 +379,33 @@ def _plot_pil(series, path, unit):
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    from fastface.cli import _positive_int
+    from fastface.backends import CHOICES
+    from fastface.checks import (
+        DTYPE_NAMES,
+        arg_finite_float,
+        arg_nonnegative_int,
+        arg_positive_int,
+        arg_probability,
+    )
 
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model if installed, "
                    "else random weights of --preset)")
     p.add_argument("--preset", default="face-s", help="model shape for random weights (default: face-s)")
-    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 4, 16], help="batch sizes (default: 1 4 16)")
-    p.add_argument("--steps", type=_positive_int, default=16, help="decoding steps per image (default: 16)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight (default: 2.0)")
+    p.add_argument("--batch", type=arg_positive_int, nargs="+", default=[1, 4, 16], help="batch sizes (default: 1 4 16)")
+    p.add_argument("--steps", type=arg_positive_int, default=16, help="decoding steps per image (default: 16)")
+    p.add_argument("--guidance", type=arg_finite_float, default=2.0, help="classifier-free guidance weight (default: 2.0)")
     p.add_argument("--backends", nargs="+", default=["reference", "auto"],
-                   choices=["reference", "auto", "cpp", "triton"],
+                   choices=list(CHOICES),
                    help="backends to compare (default: reference auto); unusable ones are skipped")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_NAMES),
                    help="transformer precisions (default: float32 bfloat16; the reference runs in float32)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per case (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed short runs per case first (default: 1)")
+    p.add_argument("--repeats", type=arg_positive_int, default=3, help="timed runs per case (default: 3)")
+    p.add_argument("--warmup", type=arg_nonnegative_int, default=1, help="untimed short runs per case first (default: 1)")
     p.add_argument("--no-answer", action="store_true", help="skip the answering (text tokens/s) cases")
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.7, 0.9],
+    p.add_argument("--thresholds", type=arg_probability, nargs="*", default=[0.5, 0.7, 0.9],
                    help="confidence thresholds to study at the largest batch (steps saved, agreement); "
                    "give none to skip")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=arg_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results as JSON here (default: print only)")
     p.add_argument("--plot", default=None, help="write a PNG of image tokens/s against batch per backend here")
 

@@ -17,54 +17,22 @@ import os
 import sys
 from pathlib import Path
 
+from fastface.backends import CHOICES
+from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_nonnegative_int, arg_positive_int, arg_probability
+from fastface.ops.masked_decode import SCHEDULES
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
-
-
-def _probability(text):
-    value = _finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
-
-
 def _add_model_options(p):
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded face model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+    p.add_argument("--backend", default="auto", choices=list(CHOICES),
                    help="kernels: auto (the fastest available on this device), reference (the plain PyTorch "
-                   "oracle, a full forward every step), cpp (CPU kernels), triton (GPU kernels) (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   "oracle, a full forward every step), torch (fast PyTorch paths), cpp (CPU kernels), triton (GPU "
+                   "kernels) (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
                    help="transformer precision; bfloat16 runs on the CPU's bf16 matrix units (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -79,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="text description of a face")
     g.add_argument("-o", "--output", default="face.png",
                    help="output PNG path; with several images, -1, -2, … are appended (default: face.png)")
-    g.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (default: 1)")
-    g.add_argument("--steps", type=_positive_int, default=16, help="parallel decoding steps (default: 16)")
-    g.add_argument("--guidance", type=_finite_float, default=2.0,
+    g.add_argument("--num-images", type=arg_positive_int, default=1, help="images per prompt (default: 1)")
+    g.add_argument("--steps", type=arg_positive_int, default=16, help="parallel decoding steps (default: 16)")
+    g.add_argument("--guidance", type=arg_finite_float, default=2.0,
                    help="classifier-free guidance weight; 0 disables the unconditional pass (default: 2.0)")
-    g.add_argument("--seed", type=_nonnegative_int, default=0,
+    g.add_argument("--seed", type=arg_nonnegative_int, default=0,
                    help="seed of the first image; image i uses seed + i (default: 0)")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear"],
+    g.add_argument("--schedule", default="cosine", choices=list(SCHEDULES),
                    help="how fast tokens are unmasked over the steps (default: cosine)")
-    g.add_argument("--threshold", type=_probability, default=None,
+    g.add_argument("--threshold", type=arg_probability, default=None,
                    help="also accept every token sampled with at least this probability, so decoding can finish "
                    "in fewer steps (default: off, the exact schedule)")
     g.add_argument("--grid", action="store_true", help="also save all images as one grid (<output>-grid.png)")
@@ -99,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer a question about a face picture.")
     a.add_argument("image", help="face picture (PNG/JPEG), or a .npy of codebook ids saved by 'generate --tokens'")
     a.add_argument("question", help="question, e.g. 'what colour are her eyes?'")
-    a.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    a.add_argument("--max-new-tokens", type=arg_positive_int, default=None,
                    help="answer length limit in tokens (default: the model's max_answer_len)")
     _add_model_options(a)
 

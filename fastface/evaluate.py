@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastface.cli import _finite_float, _positive_int
-from fastface.data.faceworld import ATTRIBUTES
+from fastface.backends import CHOICES
+from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_positive_int, arg_probability
+from fastface.data.attributes import ATTRIBUTES
 from fastface.perception import IGNORE, accuracy_table, held_out_faces, mean_accuracy
 
 # names ``text.prompt`` understands ("hair" = hair style and colour together); gender is always named
@@ -196,10 +197,10 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
                                         max_words=max_words)
     generated, steps_run = [], []
     for i in range(0, len(prompts), batch_size):
+        ran = []  # one entry per forward pass actually run (fewer than steps with threshold decoding)
         generated += pipe.generate(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i,
-                                   threshold=threshold)
-        stats = getattr(pipe.engine, "last_stats", None) if threshold is not None else None
-        steps_run.append(stats.steps_run if stats is not None else steps)
+                                   threshold=threshold, callback=lambda *_, ran=ran: ran.append(1))
+        steps_run.append(len(ran))
     arrays = np.stack([np.asarray(img.convert("RGB")) for img in generated])
     with torch.no_grad():
         tok = pipe.image_tokenizer
@@ -353,27 +354,27 @@ def markdown_report(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``fastface eval``."""
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded face model)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+    parser.add_argument("--backend", default="auto", choices=list(CHOICES),
                         help="kernel backend (auto: the fastest available on this device)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="transformer precision")
-    parser.add_argument("--num-faces", type=_positive_int, default=200, help="held-out faces (default: 200)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES), help="transformer precision")
+    parser.add_argument("--num-faces", type=arg_positive_int, default=200, help="held-out faces (default: 200)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"face-world seed of the held-out faces; also seeds prompts and sampling "
                              f"(default: {DEFAULT_SEED})")
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+    parser.add_argument("--steps", type=arg_positive_int, default=DEFAULT_STEPS,
                         help=f"parallel decoding steps (default: {DEFAULT_STEPS})")
-    parser.add_argument("--guidance", type=_finite_float, default=DEFAULT_GUIDANCE,
+    parser.add_argument("--guidance", type=arg_finite_float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance weight (default: {DEFAULT_GUIDANCE})")
-    parser.add_argument("--threshold", type=_finite_float, default=None,
+    parser.add_argument("--threshold", type=arg_probability, default=None,
                         help="confidence-threshold decoding for generation, in (0, 1] (default: off)")
-    parser.add_argument("--questions-per-face", type=_positive_int, default=4, help="VQA questions per face")
+    parser.add_argument("--questions-per-face", type=arg_positive_int, default=4, help="VQA questions per face")
     parser.add_argument("--attributes-per-prompt", type=int, default=6,
                         help="attributes named per generation prompt besides gender (default: 6)")
     parser.add_argument("--parts", nargs="+", default=["vqa", "generation", "psnr"],
                         choices=["vqa", "generation", "psnr"], help="what to measure (default: all)")
     parser.add_argument("--classifier", default=None,
                         help="attribute classifier .safetensors (default: the one shipped with face-s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate call")
+    parser.add_argument("--batch-size", type=arg_positive_int, default=16, help="prompts per generate call")
     parser.add_argument("--output", "-o", default="eval.json", help="JSON results file (default: eval.json)")
     parser.add_argument("--markdown", default=None, help="also write the markdown table here")
     parser.add_argument("--save-images", default=None, metavar="DIR", help="write the generated faces here")
@@ -386,8 +387,6 @@ def run(args) -> int:
     import fastface
     from fastface.perception import AttributeClassifier
 
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise ValueError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.attributes_per_prompt < 0:
         raise ValueError(f"--attributes-per-prompt must be >= 0, got {args.attributes_per_prompt}")
     pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
@@ -415,7 +414,10 @@ def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="fastface eval", description="Per-attribute "
                                                    "evaluation: VQA accuracy, generated-face attribute accuracy "
                                                    "and image tokenizer PSNR on held-out faces."))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed) or --help: the status, as every path returns
+        return int(exc.code or 0)
     try:
         run(args)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:

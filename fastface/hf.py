@@ -1,6 +1,6 @@
 """transformers integration: the C++ grouped-expert kernel as an experts implementation named "fastface".
 
-    import fastface                       # calls fastface.hf.register()
+    import fastface.hf                    # registers "fastface" with transformers (import fastface does not)
     model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="fastface")
 
 Any transformers MoE whose experts class uses ``use_experts_implementation`` (Mixtral, Qwen-MoE, OLMoE, ...)
@@ -101,5 +101,7 @@ def register() -> bool:
     _hf_moe.ExpertsInterface.register(NAME, forward)
     return built
 
+
+register()  # importing this module is the registration
 
 __all__ = ["NAME", "fastface_experts_forward", "register"]

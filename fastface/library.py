@@ -104,7 +104,7 @@ def _grouped_moe_backward_op(grad_y: Tensor, grad_router_logits: Tensor, x: Tens
                                      shared_gate_up_proj, shared_down_proj, saved, top_k=top_k,
                                      normalize_topk=normalize_topk, activation=activation)
         return [g.contiguous() for g in grads if g is not None]
-    from fastface.moe import grouped_moe_reference
+    from fastface.ops.moe import grouped_moe_reference
 
     with _autograd_inside_op():
         leaves = [t.detach().requires_grad_() for t in (x, *weights)]

@@ -14,6 +14,11 @@ Block:  x += Attn(LN(x));  x += TokenMoE(LN(x));  x += SeqMoE(LN(x))
   the sequence's conditioning tokens (the prompt for t2i; image and question for mmu), softmax over 4
   experts, top-2, weights renormalised over the two (a choice: the paper does not say). Routing from the
   condition only keeps the decision fixed while image tokens or answer tokens change.
+
+The model owns its fast path (the engine calls these modules, never their weights): attention writes its keys and
+values through a cache object -- ``KVCache`` grows by concatenation (the reference), ``StaticKVCache`` writes into
+preallocated buffers at a position the caller sets -- and a block accepts the sequence-level routing fixed in
+advance (``FaceTransformer.seq_mixtures``), so a decoding step runs only the new tokens through the same modules.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from fastface.config import (
     SOI_ID,
     FaceConfig,
 )
-from fastface.moe import load_balancing_loss
+from fastface.loss import load_balancing_loss
 
 # ----------------------------------------------------------------------------------------------- masks
 
@@ -89,12 +94,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------- KV cache
+# ------------------------------------------------------------------------------------------- KV caches
 
 
 @dataclass
 class KVCache:
-    """Keys/values of every layer for the tokens seen so far, plus the sequence-level routing decisions.
+    """Keys/values of every layer for the tokens seen so far, plus the sequence-level routing decisions; grows by
+    concatenation (the reference decoding loop).
 
     keys[i], values[i]: [B, nh, Lc, hd];  key_valid: [B, Lc] bool (False at padding);
     routes[i]: (weights [B, 2] float32, experts [B, 2] int64) decided at prefill.
@@ -110,8 +116,73 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.key_valid is None else self.key_valid.shape[1]
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append the new keys/values k, v [B, nh, L, hd] of ``layer``; returns all of them [B, nh, Lc + L, hd]."""
+        if len(self.keys) > layer:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys.append(k)
+            self.values.append(v)
+        return k, v
+
+
+class StaticKVCache:
+    """Preallocated keys/values per layer, [R, nh, Lmax, hd] each (gpt-fast's static cache).
+
+    ``start`` is where the next tokens' keys go: ``update`` writes positions [start, start + L) and returns the
+    keys/values [0, start + L). The caller moves ``start`` (the engine rewrites the image segment at the same place
+    every step, and appends one answer token at a time); nothing is allocated after construction.
+    """
+
+    def __init__(self, num_layers: int, rows: int, heads: int, max_len: int, head_dim: int, *, dtype, device):
+        shape = (rows, heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.start = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"StaticKVCache holds {self.max_len} positions; writing [{self.start}, {end})")
+        self.keys[layer][:, :, self.start : end] = k
+        self.values[layer][:, :, self.start : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
 
 # ------------------------------------------------------------------------------------------- modules
+
+
+@dataclass
+class BlockContext:
+    """What every block of one forward reads.
+
+    mask [B, 1, L, Lk] bool (True = may attend) or additive float (0 / -inf); cos, sin [B, 1, L, hd];
+    groups [B * L] each token's expert group; task [B]; cond_mask [B, L] the sequence-MoE routing input;
+    kv: a ``KVCache`` or ``StaticKVCache`` (or None); routes: per layer fixed routing (weights, experts) to reuse
+    instead of deciding it; seq: per layer fixed ``SeqMixture`` (routing and embeddings folded in; overrides
+    routes); router_logits: return the token routers' logits (training); backend: the grouped-MoE backend for
+    this forward (None: each ``TokenMoE``'s own).
+    """
+
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    groups: torch.Tensor
+    task: torch.Tensor
+    cond_mask: torch.Tensor | None = None
+    e_sem: torch.Tensor | None = None
+    e_id: torch.Tensor | None = None
+    kv: KVCache | StaticKVCache | None = None
+    routes: list | None = None
+    seq: list | None = None
+    router_logits: bool = False
+    backend: str | None = None
 
 
 class Attention(nn.Module):
@@ -121,20 +192,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, mask, cos, sin, kv: KVCache | StaticKVCache | None = None, layer: int = 0):
+        """x [B, L, H], mask [B, 1, L, Lk] -> [B, L, H]; with ``kv`` the new keys/values join the cached ones."""
         B, L, H = x.shape
         nh, hd = self.config.num_heads, self.config.head_dim
         q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, L, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            if len(cache.keys) > layer:
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-                cache.keys[layer], cache.values[layer] = k, v
-            else:
-                cache.keys.append(k)
-                cache.values.append(v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # [B, nh, L, hd]
+        if kv is not None:
+            k, v = kv.update(layer, k, v)  # [B, nh, Lk, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, L, hd]
         return self.out(y.transpose(1, 2).reshape(B, L, H))
 
 
@@ -147,7 +213,7 @@ class TokenMoE(nn.Module):
         G, E, S, H, Fe, Fs = c.num_groups, c.num_experts, c.num_shared_experts, c.hidden_size, c.expert_ffn_size, \
             c.shared_ffn_size
         self.config = c
-        self.backend = "auto"
+        self.backend = "auto"  # passed to the op; fastface.backends decides what runs
         self.router_weight = nn.Parameter(torch.empty(G, E, H))
         self.gate_up_proj = nn.Parameter(torch.empty(G, E, 2 * Fe, H))
         self.down_proj = nn.Parameter(torch.empty(G, E, H, Fe))
@@ -157,19 +223,30 @@ class TokenMoE(nn.Module):
         else:
             self.shared_gate_up_proj = self.shared_down_proj = None
 
-    def forward(self, x, group_per_token):
-        """x [B, L, H], group_per_token [B, L] -> (y [B, L, H], router_logits [B*L, E])."""
+    def forward(self, x, groups, router_logits: bool = False, backend: str | None = None):
+        """x [B, L, H], groups [B * L] -> (y [B, L, H], router_logits [B*L, E] or None)."""
         B, L, H = x.shape
-        backend = self.backend
-        if torch.is_grad_enabled() and backend in ("auto", "cpp") and x.device.type == "cpu":
-            backend = "reference"  # the CPU kernel is forward-only; training takes the autograd path
-        y, router_logits = ops.grouped_moe(
-            x.reshape(B * L, H), group_per_token.reshape(B * L), self.router_weight, self.gate_up_proj,
-            self.down_proj, top_k=self.config.top_k, shared_gate_up_proj=self.shared_gate_up_proj,
+        out = ops.grouped_moe(
+            x.reshape(B * L, H), groups, self.router_weight, self.gate_up_proj, self.down_proj,
+            top_k=self.config.top_k, shared_gate_up_proj=self.shared_gate_up_proj,
             shared_down_proj=self.shared_down_proj, normalize_topk=self.config.normalize_topk,
-            return_router_logits=True, backend=backend,
+            return_router_logits=router_logits, backend=backend or self.backend,
         )
-        return y.view(B, L, H), router_logits
+        y, logits = out if router_logits else (out, None)
+        return y.view(B, L, H), logits
+
+
+@dataclass
+class SeqMixture:
+    """A fixed sequence-level MoE decision folded into ``out = h * scale + bias_1 + bias_2 ...``.
+
+    scale [B] in h's dtype (sum of the chosen experts' weights, Zero experts counting 0); biases: [B, H] terms of the
+    Semantic/Identity experts whose embedding was given; noise [B] float32 weights of the Noise expert (training).
+    """
+
+    scale: torch.Tensor
+    biases: list
+    noise: torch.Tensor | None = None
 
 
 class SeqMoE(nn.Module):
@@ -191,31 +268,47 @@ class SeqMoE(nn.Module):
         weights, experts = torch.topk(probs, self.config.seq_top_k, dim=-1)
         return weights / weights.sum(-1, keepdim=True), experts
 
-    def forward(self, h, group, cond_mask, e_sem=None, e_id=None, route=None):
-        """h [B, L, H] -> (out [B, L, H], route).
+    def mixture(self, route, group, dtype, e_sem=None, e_id=None) -> SeqMixture:
+        """Fold a routing decision (weights [B, 2], experts [B, 2]) and the embeddings into a ``SeqMixture``.
 
         Every expert is ``a * h + bias`` (copy: a=1; zero: a=0; semantic/identity: a=1, bias = W e; noise:
-        a=1, bias = sigma * eps), so the top-2 mixture is ``(sum_k w_k a_k) * h + sum_k w_k bias_k``.
+        a=1, bias = sigma * eps), so the top-2 mixture is ``(sum_k w_k a_k) * h + sum_k w_k bias_k``. An expert whose
+        embedding is absent acts as Copy.
         """
+        weights, experts = route
+        device = weights.device
+        kinds = [[SEQ_EXPERTS[int(g)][int(e)] for e in row] for g, row in zip(group.tolist(), experts.tolist())]
+
+        def indicator(fn):
+            return torch.tensor([[1.0 if fn(n) else 0.0 for n in row] for row in kinds], device=device)
+
+        scale = (weights * indicator(lambda n: n != "zero")).sum(-1).to(dtype)  # [B]
+        biases = []
+        for name, emb, proj in (("semantic", e_sem, self.sem_proj), ("identity", e_id, self.id_proj)):
+            if emb is not None:
+                w = (weights * indicator(lambda n, name=name: n == name)).sum(-1)  # [B]
+                biases.append((w[:, None] * proj(emb.to(dtype)).float()).to(dtype))  # [B, H]
+        noise = (weights * indicator(lambda n: n == "noise")).sum(-1) if self.training else None
+        return SeqMixture(scale, biases, noise)
+
+    def apply(self, h, mix: SeqMixture):
+        """h [B, L, H] -> the mixture's output [B, L, H]."""
+        out = h * mix.scale[:, None, None]
+        for bias in mix.biases:
+            out = out + bias[:, None]
+        if mix.noise is not None and self.config.seq_noise_std > 0 and bool((mix.noise > 0).any()):
+            noise = torch.randn_like(h) * self.config.seq_noise_std
+            out = out + noise * mix.noise.to(h.dtype)[:, None, None]
+        return out
+
+    def forward(self, h, group, cond_mask, e_sem=None, e_id=None, route=None, mixture: SeqMixture | None = None):
+        """h [B, L, H] -> (out [B, L, H], route); the routing is decided from h unless ``route`` is given, and a
+        given ``mixture`` (routing and embeddings already folded in) is applied as it is (route None)."""
+        if mixture is not None:
+            return self.apply(h, mixture), None
         if route is None:
             route = self.route(h, group, cond_mask)
-        weights, experts = route  # [B, 2] each
-        B, L, H = h.shape
-        kinds = [[SEQ_EXPERTS[int(group[b])][int(experts[b, k])] for k in range(experts.shape[1])] for b in range(B)]
-        scale = torch.tensor([[0.0 if name == "zero" else 1.0 for name in row] for row in kinds], device=h.device)
-        out = h * (weights * scale).sum(-1).to(h.dtype)[:, None, None]
-        for name, emb, proj in (("semantic", e_sem, self.sem_proj), ("identity", e_id, self.id_proj)):
-            if emb is None:
-                continue  # an expert whose embedding is absent acts as Copy
-            w = torch.tensor([[1.0 if n == name else 0.0 for n in row] for row in kinds], device=h.device)
-            out = out + ((weights * w).sum(-1)[:, None] * proj(emb.to(h.dtype)).float()).to(h.dtype)[:, None]
-        if self.training and self.config.seq_noise_std > 0:
-            w = torch.tensor([[1.0 if n == "noise" else 0.0 for n in row] for row in kinds], device=h.device)
-            noise_weight = (weights * w).sum(-1)  # [B]
-            if bool((noise_weight > 0).any()):
-                noise = torch.randn_like(h) * self.config.seq_noise_std
-                out = out + noise * noise_weight.to(h.dtype)[:, None, None]
-        return out, route
+        return self.apply(h, self.mixture(route, group, h.dtype, e_sem, e_id)), route
 
 
 class Block(nn.Module):
@@ -229,17 +322,15 @@ class Block(nn.Module):
         self.ln_seq = nn.LayerNorm(config.hidden_size, eps=eps)
         self.seq_moe = SeqMoE(config)
 
-    def forward(self, x, ctx: dict, layer: int):
-        x = x + self.attn(self.ln_attn(x), ctx["mask"], ctx["cos"], ctx["sin"], ctx["cache"], layer)
-        y, router_logits = self.moe(self.ln_moe(x), ctx["group_per_token"])
+    def forward(self, x, ctx: BlockContext, layer: int):
+        """x [B, L, H] -> (x [B, L, H], router logits or None, route of the sequence-level MoE or None)."""
+        x = x + self.attn(self.ln_attn(x), ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
+        y, router_logits = self.moe(self.ln_moe(x), ctx.groups, ctx.router_logits, ctx.backend)
         x = x + y
-        cache = ctx["cache"]
-        route = cache.routes[layer] if cache is not None and len(cache.routes) > layer else None
-        s, route = self.seq_moe(self.ln_seq(x), ctx["group"], ctx["cond_mask"], ctx["e_sem"], ctx["e_id"], route)
-        if cache is not None and len(cache.routes) <= layer:
-            cache.routes.append(route)
-        ctx["routes"].append(route)
-        return x + s, router_logits
+        route = ctx.routes[layer] if ctx.routes is not None else None
+        mixture = ctx.seq[layer] if ctx.seq is not None else None
+        s, route = self.seq_moe(self.ln_seq(x), ctx.task, ctx.cond_mask, ctx.e_sem, ctx.e_id, route, mixture)
+        return x + s, router_logits, route
 
 
 @dataclass
@@ -279,6 +370,36 @@ class FaceTransformer(nn.Module):
         for layer in self.layers:
             layer.moe.backend = backend
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ------------------------------------------------------------------------ pieces the engine calls
+    def blocks(self, input_ids: torch.Tensor, ctx: BlockContext):
+        """Embed ids [B, L] and run every block -> (hidden [B, L, H] before ln_f, router logits per layer,
+        routes per layer)."""
+        x = self.embed(input_ids)
+        router_logits, routes = [], []
+        for i, layer in enumerate(self.layers):
+            x, logits, route = layer(x, ctx, i)
+            router_logits.append(logits)
+            routes.append(route)
+        return x, router_logits, routes
+
+    def head(self, hidden: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
+        """Final norm and LM head over hidden [..., H] -> logits [..., V], or only the vocabulary ``columns``."""
+        h = self.ln_f(hidden)
+        return self.lm_head(h) if columns is None else F.linear(h, self.lm_head.weight[columns])
+
+    def seq_mixtures(self, routes: list, task: torch.Tensor, e_sem=None, e_id=None) -> list:
+        """Per layer ``SeqMixture`` of fixed routes (and embeddings), for ``BlockContext.seq``."""
+        return [layer.seq_moe.mixture(route, task, self.dtype, e_sem, e_id) for layer, route in zip(self.layers, routes)]
+
+    # ------------------------------------------------------------------------------------ reference
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -317,22 +438,24 @@ class FaceTransformer(nn.Module):
         if cond_mask is None and not cached:
             cond_mask = default_cond_mask(input_ids, task)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(input_ids)
-        group_per_token = task[:, None].expand(B, L)
-        ctx = dict(mask=attn_mask, cos=cos, sin=sin, cache=cache, group=task, group_per_token=group_per_token,
-                   cond_mask=cond_mask, e_sem=e_sem, e_id=e_id, routes=[])
+        groups = task[:, None].expand(B, L).reshape(B * L)
+        ctx = BlockContext(mask=attn_mask[:, None], cos=cos, sin=sin, groups=groups, task=task, cond_mask=cond_mask,
+                           e_sem=e_sem, e_id=e_id, kv=cache, routes=cache.routes if cached else None,
+                           router_logits=self.training)
+        x, router_logits, routes = self.blocks(input_ids, ctx)
         aux = x.new_zeros((), dtype=torch.float32)
-        valid = (input_ids != PAD_ID).reshape(-1)
-        for i, layer in enumerate(self.layers):
-            x, router_logits = layer(x, ctx, i)
-            if self.training:
-                aux = aux + load_balancing_loss(router_logits[valid], group_per_token.reshape(-1)[valid],
-                                                self.config.num_groups, self.config.top_k)
+        if self.training:
+            valid = (input_ids != PAD_ID).reshape(-1)
+            for logits in router_logits:
+                aux = aux + load_balancing_loss(logits[valid], groups[valid], self.config.num_groups,
+                                                self.config.top_k)
         if cache is not None:
+            if not cached:
+                cache.routes = routes
             valid_new = input_ids != PAD_ID
             cache.key_valid = valid_new if not cached else torch.cat([cache.key_valid, valid_new], dim=1)
             cache.next_position = positions[:, -1] + 1
         h = self.ln_f(x)
         if logits_positions is not None:
             h = h[:, logits_positions]
-        return ModelOutput(self.lm_head(h), aux, ctx["routes"], h if return_hidden else None)
+        return ModelOutput(self.lm_head(h), aux, cache.routes if cached else routes, h if return_hidden else None)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +15,12 @@ import torch
 
 from fastface import backends
 from fastface.checkpoint import DTYPES, load_checkpoint
+from fastface.checks import DTYPE_NAMES, check_choice, check_int, check_probability, check_strings
 from fastface.config import SPECIAL_TOKENS
+from fastface.decoding import Decoder
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
-from fastface.sampling import SCHEDULES, generate_answer_ids, generate_image_tokens
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
-
-
-def _check_prompts(name, prompts) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError(f"{name} is empty: give at least one")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
-    return list(prompts)
-
-
-def _check_number(name, value, *, lo=None, integer=False):
-    kind = int if integer else (int, float)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
 
 
 class Pipeline:
@@ -56,16 +33,12 @@ class Pipeline:
         self.image_tokenizer = image_tokenizer
         self.backend = backends.validate_choice(backend)
         self.model.set_backend(self.backend)
-        self._engine = None
+        self.decoder = Decoder(self.model, self.backend)  # reference loops or the engine
 
     @property
     def engine(self):
-        """The fast decoding engine (``fastface.engine.Engine``); every backend but "reference" runs on it."""
-        if self._engine is None:
-            from fastface.engine import Engine
-
-            self._engine = Engine(self.model, backend=self.backend)
-        return self._engine
+        """The fast decoding engine (``fastface.engine.Engine``), or None with ``backend="reference"``."""
+        return self.decoder.engine
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,26 +63,13 @@ class Pipeline:
         ``threshold`` (opt-in, engine only) also accepts every masked token whose sampled probability reaches
         it, so decoding may finish in fewer steps. ``callback(step, tokens, masked)`` runs after each step.
         """
-        prompts = _check_prompts("prompts", prompts)
-        _check_number("steps", steps, lo=1, integer=True)
-        _check_number("guidance", guidance)
-        _check_number("sample_temperature", sample_temperature)
-        if sample_temperature <= 0:
-            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
-        _check_number("confidence_temperature", confidence_temperature, lo=0)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if threshold is not None:
-            _check_number("threshold", threshold)
-            if not 0 < threshold <= 1:
-                raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+        prompts = check_strings("prompts", prompts)
         seeds = self._seeds(seed, len(prompts))
         ids = t2i_prompt_ids([self.encode_text(p) for p in prompts], self.config)
-        kwargs = dict(steps=steps, guidance=guidance, seeds=seeds, sample_temperature=sample_temperature,
-                      confidence_temperature=confidence_temperature, schedule=schedule, callback=callback)
-        if self.backend == "reference" and threshold is None:
-            return generate_image_tokens(self.model, ids, backend=self.backend, **kwargs)
-        return self.engine.generate_image_tokens(ids, threshold=threshold, **kwargs)
+        return self.decoder.image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds,
+                                         sample_temperature=sample_temperature,
+                                         confidence_temperature=confidence_temperature, schedule=schedule,
+                                         threshold=threshold, callback=callback)
 
     def generate(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, **kwargs):
         """One PIL image per prompt (decoded by the image tokenizer)."""
@@ -155,23 +115,18 @@ class Pipeline:
     def answer(self, images, questions, *, max_new_tokens: int | None = None, top_p: float | None = None,
                temperature: float = 1.0, seed: int = 0) -> list[str]:
         """Answer one question per image (greedy by default; nucleus sampling with ``top_p``)."""
-        questions = _check_prompts("questions", questions)
+        questions = check_strings("questions", questions)
         image_ids = self.encode_images(images)
         if image_ids.shape[0] != len(questions):
             raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
         max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
-        _check_number("max_new_tokens", max_new, lo=1, integer=True)
+        check_int("max_new_tokens", max_new, 1)
         if top_p is not None:
-            _check_number("top_p", top_p)
-            if not 0 < top_p <= 1:
-                raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+            check_probability("top_p", top_p)
         ids = mmu_prompt_ids(image_ids, [self.encode_text(q) for q in questions], self.config)
         kwargs = dict(max_new_tokens=max_new, top_p=top_p, temperature=temperature,
                       seeds=self._seeds(seed, len(questions)), allowed_vocab=self.config.text_vocab_size)
-        if self.backend == "reference":
-            answers = generate_answer_ids(self.model, ids, **kwargs)
-        else:
-            answers = self.engine.generate_answer_ids(ids, **kwargs)
+        answers = self.decoder.answer_ids(ids, **kwargs)
         return [self.decode_text(a) for a in answers]
 
     @staticmethod
@@ -180,17 +135,16 @@ class Pipeline:
             if len(seed) != n:
                 raise ValueError(f"got {len(seed)} seeds for {n} prompts")
             for s in seed:
-                _check_number("seed", s, lo=0, integer=True)
+                check_int("seed", s, 0)
             return [int(s) for s in seed]
-        _check_number("seed", seed, lo=0, integer=True)
+        check_int("seed", seed, 0)
         return [seed + b for b in range(n)]
 
 
 def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipeline:
     """Load a checkpoint directory (default: the embedded face model) into a ``Pipeline``."""
     backends.validate_choice(backend)
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    check_choice("dtype", dtype, DTYPE_NAMES)
     backends.warn_if_slow_bf16(dtype)
     if path is None:
         path = DEFAULT_MODEL

@@ -1,49 +1,24 @@
-"""Parallel masked-token decoding (MaskGIT / Show-o) and autoregressive decoding: the reference sampler.
+"""The reference decoding loops: parallel masked-token decoding of images (Show-o ``t2i_generate``) and
+autoregressive answering, a full forward of the model every step. The engine (``fastface.engine``) returns the same
+tokens faster; these loops are what it is tested against.
 
-Legend: B sequences, R logits rows (B, or 2B with guidance: rows 0..B-1 cond, B..2B-1 uncond),
-N image tokens per sequence, V codebook size.
-
-One step (``masked_decode_step_reference``), given logits of the current masked state:
-  1. l = (1 + w) * cond - w * uncond                     (w = guidance; l = cond when w = 0)
-  2. z = l / tau_sample;  e = exp(z - max z);  c = cumsum(e)
-     sample j = smallest index with c[j] > u1 * c[V-1]     (inverse CDF; a token with e = 0 is never drawn)
-     log p(j) = z[j] - max z - log c[V-1]
-  3. ratio = (step + 1) / steps;  mask_ratio = cos(pi/2 * ratio)  (or 1 - ratio for "linear")
-     mask_len = min(n_unknown - 1, max(1, floor(N * mask_ratio)))  clipped at 0; 0 at the last step
-  4. conf = log p(j) + tau_conf * (1 - ratio) * g,  g = -log(-log u2);  known positions conf = +inf
-  5. the mask_len lowest-confidence positions (ties: lower position first) stay masked; the rest are known
-
-Noise contract: the only randomness of a step is u = [u1, u2] of shape [2, B, N]; row b is drawn from a
-torch generator seeded by (seed_b, step) (``step_noise``), so a request's tokens do not depend on what
-else is in the batch, and every backend given the same logits and u returns the same tokens.
+Noise contract: the only randomness of a masked-decoding step is u = [u1, u2] of shape [2, B, N]; row b is drawn
+from a torch generator seeded by (seed_b, step) (``step_noise``), so a request's tokens do not depend on what else
+is in the batch, and every backend given the same logits and u returns the same tokens. The step itself is the op
+``fastface.ops.masked_decode_step`` (algorithm and reference in ``fastface/ops/masked_decode.py``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-SCHEDULES = ("cosine", "linear")
+from fastface import ops
+from fastface.checks import check_decoding
+from fastface.config import EOS_ID, GROUP_GENERATION, GROUP_UNDERSTANDING, PAD_ID
+from fastface.model import KVCache
+from fastface.prompts import t2i_prompt_ids, t2i_sequence
+
 _SEED_STRIDE = 1_000_003  # (seed, step) -> generator seed; a prime larger than any step count
-
-
-def mask_schedule(ratio: float, schedule: str = "cosine") -> float:
-    """Fraction of the N image tokens still masked after progress ``ratio``."""
-    if schedule == "cosine":
-        return math.cos(math.pi / 2 * ratio)
-    if schedule == "linear":
-        return 1.0 - ratio
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-
-
-def scheduled_mask_len(num_tokens: int, n_unknown: torch.Tensor, step: int, steps: int, schedule: str = "cosine"):
-    """How many positions of each sequence stay masked after ``step`` (int64 [B])."""
-    if step == steps - 1:
-        return torch.zeros_like(n_unknown)
-    ratio = (step + 1) / steps
-    target = max(1, math.floor(num_tokens * mask_schedule(ratio, schedule)))
-    return torch.clamp(torch.clamp(n_unknown - 1, max=target), min=0)
 
 
 def step_noise(seeds: list[int], step: int, num_tokens: int, device="cpu") -> torch.Tensor:
@@ -54,52 +29,6 @@ def step_noise(seeds: list[int], step: int, num_tokens: int, device="cpu") -> to
         gen = torch.Generator(device="cpu").manual_seed(int(seed) * _SEED_STRIDE + step)
         rows.append(torch.rand(2, num_tokens, generator=gen, dtype=torch.float32).clamp_(min=tiny))
     return torch.stack(rows, dim=1).to(device)  # [2, B, N]
-
-
-def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
-    """[R, N, V] -> [B, N, V] float32: (1 + w) * cond - w * uncond, or cond when w = 0."""
-    logits = logits.float()
-    if guidance == 0:
-        return logits
-    B = logits.shape[0] // 2
-    return (1 + guidance) * logits[:B] - guidance * logits[B:]
-
-
-def masked_decode_step_reference(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
-    masked: torch.Tensor,
-    u: torch.Tensor,
-    *,
-    step: int,
-    steps: int,
-    guidance: float = 0.0,
-    sample_temperature: float = 1.0,
-    confidence_temperature: float = 1.0,
-    schedule: str = "cosine",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One parallel decoding step in plain PyTorch (see the module docstring for the algorithm)."""
-    B, N = tokens.shape
-    z = guided_logits(logits, guidance) / sample_temperature  # [B, N, V]
-    z_max = z.max(dim=-1, keepdim=True).values
-    e = torch.exp(z - z_max)
-    c = torch.cumsum(e, dim=-1)  # [B, N, V]
-    total = c[..., -1:]
-    threshold = u[0].float().unsqueeze(-1) * total  # [B, N, 1]
-    sampled = (c <= threshold).sum(dim=-1).clamp(max=z.shape[-1] - 1)  # smallest j with c[j] > u1 * total
-    log_p = (z.gather(-1, sampled[..., None]) - z_max - total.log()).squeeze(-1)  # [B, N]
-
-    ratio = (step + 1) / steps
-    gumbel = -torch.log(-torch.log(u[1].float()))
-    conf = log_p + confidence_temperature * (1.0 - ratio) * gumbel
-    conf = torch.where(masked, conf, torch.full_like(conf, math.inf))
-
-    mask_len = scheduled_mask_len(N, masked.sum(dim=-1), step, steps, schedule)  # [B]
-    order = torch.sort(conf, dim=-1, stable=True).indices  # ascending confidence, ties by position
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
-    new_masked = rank < mask_len[:, None]
-    new_tokens = torch.where(masked, sampled, tokens)
-    return new_tokens, new_masked
 
 
 # ------------------------------------------------------------------------------------ the decoding loops
@@ -116,6 +45,7 @@ def generate_image_tokens(
     sample_temperature: float = 1.0,
     confidence_temperature: float = 4.5,
     schedule: str = "cosine",
+    threshold: float | None = None,
     backend: str = "auto",
     e_sem: torch.Tensor | None = None,
     e_id: torch.Tensor | None = None,
@@ -124,12 +54,11 @@ def generate_image_tokens(
     """Reference t2i sampler (Show-o ``t2i_generate``): a full forward over prompt and image every step.
 
     prompt_ids [B, P] left-padded t2i prompts (``fastface.prompts.t2i_prompt_ids``); returns codebook ids
-    [B, N]. With guidance, the unconditional rows use the empty prompt and run in the same batch.
+    [B, N]. With guidance, the unconditional rows use the empty prompt and run in the same batch. ``threshold``
+    (opt-in) is the op's confidence-threshold decoding; the loop then ends once nothing is masked.
     """
-    from fastface import ops
-    from fastface.config import GROUP_GENERATION
-    from fastface.prompts import t2i_prompt_ids, t2i_sequence
-
+    check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                   confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold)
     cfg = model.config
     B, N, device = prompt_ids.shape[0], cfg.image_tokens, prompt_ids.device
     offset, K, P = cfg.image_token_offset, cfg.codebook_size, prompt_ids.shape[1]
@@ -145,6 +74,8 @@ def generate_image_tokens(
     masked = torch.ones(B, N, dtype=torch.bool, device=device)
     image_cols = slice(P + 1, P + 1 + N)
     for step in range(steps):
+        if not bool(masked.any()):
+            break  # threshold decoding finished early
         image_ids = torch.where(masked, torch.full_like(tokens, cfg.mask_token_id), tokens + offset)
         if guidance != 0:
             image_ids = torch.cat([image_ids, image_ids])
@@ -154,7 +85,7 @@ def generate_image_tokens(
         tokens, masked = ops.masked_decode_step(
             logits, tokens, masked, u, step=step, steps=steps, guidance=guidance,
             sample_temperature=sample_temperature, confidence_temperature=confidence_temperature,
-            schedule=schedule, backend=backend,
+            schedule=schedule, threshold=threshold, backend=backend,
         )
         if callback is not None:
             callback(step, tokens, masked)
@@ -198,9 +129,6 @@ def generate_answer_ids(
     ``allowed_vocab`` restricts sampling to ids below it (text tokens). Returns the new ids per row,
     without the <eos>.
     """
-    from fastface.config import EOS_ID, GROUP_UNDERSTANDING, PAD_ID
-    from fastface.model import KVCache
-
     B, device = prompt_ids.shape[0], prompt_ids.device
     task = torch.full((B,), GROUP_UNDERSTANDING, dtype=torch.long, device=device)
     cond_mask = prompt_ids != PAD_ID

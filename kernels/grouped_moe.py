@@ -4,7 +4,7 @@ Legend: T tokens, H hidden, G expert groups, E routed experts per group, S share
 F routed expert ffn width, Fs shared expert ffn width, K top-k, P = T*K (token, slot) pairs,
 NE = G*E flat experts, BM/BN/BK block sizes, R = max_blocks * BM padded rows.
 
-Same contract as ``fastface.moe.grouped_moe_reference`` (the oracle), computed as:
+Same contract as ``fastface.ops.moe.grouped_moe_reference`` (the oracle), computed as:
 
 1. router logits  [T, E] = x . router_weight[group]   (one dense GEMM over the G*E router rows, then
    each token keeps its own group's E columns; float32)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastface.sampling import SCHEDULES, mask_schedule
+from fastface.ops.masked_decode import SCHEDULES, mask_schedule
 
 # ---------------------------------------------------------------------------------------------------
 # kernels

@@ -8,7 +8,7 @@ pytest.importorskip("fastface._C", reason="fastface._C is not built (python setu
 
 from fastface import _cpp, ops  # noqa: E402
 from fastface._cpp import _C  # noqa: E402
-from fastface.loss import d3diff_loss_reference  # noqa: E402
+from fastface.ops.d3diff import d3diff_loss_reference  # noqa: E402
 from fastface.testing import assert_close  # noqa: E402
 
 # Both sides compute in float32 from the same inputs, so values agree to float32 rounding in either dtype.

@@ -1,4 +1,4 @@
-"""C++ grouped-expert kernel (csrc/grouped_moe.cpp) against fastface.moe.grouped_moe_reference.
+"""C++ grouped-expert kernel (csrc/grouped_moe.cpp) against fastface.ops.moe.grouped_moe_reference.
 
 Legend: T tokens, H hidden, G groups, E experts per group, S shared experts, F ffn width, K top-k.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastface import ops
-from fastface.moe import expert_ffn, grouped_moe_reference
+from fastface.ops.moe import expert_ffn, grouped_moe_reference
 from fastface.testing import TOLERANCES, assert_close, make_moe_inputs
 
 _C = pytest.importorskip("fastface._C", reason="fastface._C is not built")
@@ -135,7 +135,7 @@ def test_router_logits_and_choice_match_reference():
 
 def test_ties_go_to_the_lower_expert():
     """Identical router rows: all E scores tie exactly, and the kernel keeps experts 0..K-1 (the rule documented
-    in fastface.moe.route). torch.topk itself does not promise an order among exact ties (on this CPU it
+    in fastface.ops.moe.route). torch.topk itself does not promise an order among exact ties (on this CPU it
     returns experts 2, 3 here), so this is checked against the rule, not against the reference."""
     args = make_moe_inputs(5, 32, 16, G=1, E=4, S=0, seed=4)
     args["router_weight"] = args["router_weight"][:, :1].expand(1, 4, 32).contiguous()
@@ -338,7 +338,7 @@ def test_mixtral_model_loads_with_fastface_experts(monkeypatch):
     pytest.importorskip("transformers")
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    import fastface  # noqa: F401 - registers "fastface"
+    import fastface.hf  # noqa: F401 - registers "fastface"
 
     cfg = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)

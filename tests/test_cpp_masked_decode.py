@@ -10,7 +10,7 @@ pytest.importorskip("fastface._C", reason="fastface._C is not built (python setu
 
 from fastface import _cpp, ops  # noqa: E402
 from fastface._cpp import _C  # noqa: E402
-from fastface.sampling import masked_decode_step_reference, scheduled_mask_len  # noqa: E402
+from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len  # noqa: E402
 from fastface.testing import make_decode_inputs  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 import fastface
+from fastface import ops
 from fastface.config import FaceConfig
-from fastface.engine import Engine, Timers, _decode_step_compact
+from fastface.engine import Engine, Timers
 from fastface.model import FaceTransformer
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
-from fastface.sampling import (
-    generate_answer_ids,
-    generate_image_tokens,
-    masked_decode_step_reference,
-    scheduled_mask_len,
-    step_noise,
-)
+from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
+from fastface.sampling import generate_answer_ids, generate_image_tokens, step_noise
 
 CFG = FaceConfig.from_name("tiny")
 # odd prompt lengths, including the empty prompt and one longer than max_text_len (truncated)
@@ -83,10 +79,10 @@ def test_buffers_reused_and_uncond_cache_follows_weights():
     ids = prompt_batch(2)
     kw = dict(steps=3, guidance=2.0, seeds=[1, 2])
     first = engine.generate_image_tokens(ids, **kw)
-    keys = next(iter(engine._buffers.values()))["keys"][0]
+    keys = next(iter(engine._buffers.values())).kv.keys[0]
     again = engine.generate_image_tokens(ids, **kw)
     assert torch.equal(first, again)
-    assert len(engine._buffers) == 1 and next(iter(engine._buffers.values()))["keys"][0] is keys, "buffers reused"
+    assert len(engine._buffers) == 1 and next(iter(engine._buffers.values())).kv.keys[0] is keys, "buffers reused"
     with torch.no_grad():  # new weights in place: the cached empty-prompt keys/values must be recomputed
         model.layers[0].attn.qkv.weight.mul_(1.5)
     want = generate_image_tokens(model, ids, backend="reference", **kw)
@@ -117,10 +113,12 @@ def test_answer_with_embeddings_equals_reference(model):
     assert Engine(model).generate_answer_ids(ids, **kw) == generate_answer_ids(model, ids, **kw)
 
 
+@pytest.mark.parametrize("threshold", [None, 0.2])
 @pytest.mark.parametrize("guidance", [0.0, 2.5])
 @pytest.mark.parametrize("B,N,V,steps", [(1, 1, 5, 1), (3, 16, 33, 4), (2, 129, 7, 8)])
-def test_compact_step_equals_reference_step(guidance, B, N, V, steps):
-    """The sampler at masked positions only: the reference step, position for position."""
+def test_compact_step_equals_reference_step(guidance, B, N, V, steps, threshold):
+    """The torch backend's sampler works at masked positions only: the reference step, position for position;
+    logits at known positions are never read."""
     gen = torch.Generator().manual_seed(B * N + V)
     tokens = torch.zeros(B, N, dtype=torch.long)
     masked = torch.ones(B, N, dtype=torch.bool)
@@ -129,10 +127,12 @@ def test_compact_step_equals_reference_step(guidance, B, N, V, steps):
         logits = torch.randn(R, N, V, generator=gen) * 3
         u = step_noise(list(range(B)), step, N)
         kw = dict(step=step, steps=steps, guidance=guidance, sample_temperature=0.8, confidence_temperature=3.0,
-                  schedule="cosine")
+                  schedule="cosine", threshold=threshold)
         want = masked_decode_step_reference(logits, tokens, masked, u, **kw)
         rows = masked.repeat(2, 1) if guidance else masked
-        got = _decode_step_compact(logits[rows], tokens, masked, u, **kw)
+        noisy = logits.clone()
+        noisy[~rows] = torch.randn(int((~rows).sum()), V, generator=gen) * 1e4  # never read
+        got = ops.masked_decode_step(noisy, tokens, masked, u, backend="torch", **kw)
         assert torch.equal(got[1], want[1])
         assert torch.equal(got[0][masked], want[0][masked]) and torch.equal(got[0][~masked], tokens[~masked])
         tokens, masked = got
@@ -203,7 +203,7 @@ def test_pipeline_routes_to_engine(tiny_checkpoint):
     kw = dict(steps=4, guidance=2.0, seed=3)
     assert torch.equal(fast.generate_tokens(["w1 w2 w3", "w4", ""], **kw), ref.generate_tokens(["w1 w2 w3", "w4", ""],
                                                                                                **kw))
-    assert fast._engine is not None and ref._engine is None
+    assert fast.decoder._engine is not None and ref.decoder._engine is None and not ref.decoder.uses_engine
     img = torch.randint(0, ref.config.codebook_size, (2, ref.config.image_tokens))
     assert fast.answer(img, ["w1 w2", "w3"]) == ref.answer(img, ["w1 w2", "w3"])
     fast.generate_tokens(["w1"], steps=4, threshold=0.5)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastface.data.faceworld import ATTRIBUTES, make_dataset
+from fastface.data.attributes import ATTRIBUTES
+from fastface.data.dataset import make_dataset
 from fastface.data.text import parse_caption, split_words
 from fastface.evaluate import (
     DEFAULT_GUIDANCE,
@@ -215,4 +216,4 @@ def test_generation_with_confidence_threshold_reports_steps_run(tiny_pipe, faces
     assert exact["threshold"] is None and exact["mean_steps_run"] == 4.0
     assert "threshold 1e-06 (1.0 steps run" in markdown_report({"faces": 4, "seed": 0, "generation": eager})
     assert main(["--threshold", "1.5", "--parts", "generation"]) == 2
-    assert "--threshold must lie in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "argument --threshold: must lie in (0, 1], got 1.5" in capsys.readouterr().err

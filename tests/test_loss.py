@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastface import ops
-from fastface.loss import d3diff_loss_reference, d3diff_terms, mask_ratio_schedule, next_token_loss
+from fastface.loss import mask_ratio_schedule, next_token_loss
+from fastface.ops.d3diff import d3diff_loss_reference, d3diff_terms
 from fastface.testing import assert_close
 
 

@@ -17,7 +17,8 @@ from fastface.config import (
     FaceConfig,
 )
 from fastface.model import FaceTransformer, omni_attention_mask
-from fastface.moe import grouped_moe_per_token, grouped_moe_reference, load_balancing_loss, route
+from fastface.loss import load_balancing_loss
+from fastface.ops.moe import grouped_moe_per_token, grouped_moe_reference, route
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids, t2i_sequence
 from fastface.testing import assert_close, make_moe_inputs
 

@@ -9,13 +9,8 @@ from fastface import ops
 from fastface.config import FaceConfig
 from fastface.model import FaceTransformer
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
-from fastface.sampling import (
-    generate_answer_ids,
-    generate_image_tokens,
-    masked_decode_step_reference,
-    scheduled_mask_len,
-    step_noise,
-)
+from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
+from fastface.sampling import generate_answer_ids, generate_image_tokens, step_noise
 from fastface.testing import make_decode_inputs
 
 CFG = FaceConfig.from_name("tiny")

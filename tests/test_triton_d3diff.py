@@ -14,7 +14,7 @@ import torch
 
 from fastface import ops
 from fastface.backends import available, triton_usable
-from fastface.loss import d3diff_loss_reference
+from fastface.ops.d3diff import d3diff_loss_reference
 from fastface.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not triton_usable("cpu"), reason="Triton not usable here (set TRITON_INTERPRET=1)")
@@ -73,7 +73,7 @@ def test_multi_block_rows(V, dtype):
     _, _, lse = d3diff_terms(logits, targets, ratio)
     ce, se, lse16 = d3diff_terms(logits, targets, ratio, block_v=16)
     assert_close(lse16, lse, name="lse", **VALUE_TOL)
-    from fastface.loss import d3diff_terms as reference_terms
+    from fastface.ops.d3diff import d3diff_terms as reference_terms
 
     want_ce, want_se = reference_terms(logits, targets, ratio)
     assert_close(ce, want_ce, name="ce", **VALUE_TOL)
@@ -99,7 +99,7 @@ def test_r_max_and_alpha(alpha, r_max):
 
 def test_terms_and_full_rows():
     """Per-row CE and SE; SE (and its gradient) exactly 0 where m = 1."""
-    from fastface.loss import d3diff_terms as reference_terms
+    from fastface.ops.d3diff import d3diff_terms as reference_terms
 
     logits, targets, ratio = make_inputs(6, 40, torch.float32, seed=3, full_rows=3)
     ce, se, lse = d3diff_terms(logits, targets, ratio)

@@ -23,7 +23,7 @@ if not backends.triton_usable(DEVICE):
 from fastface import ops  # noqa: E402
 from fastface.kernels import grouped_moe as gm  # noqa: E402
 from fastface.kernels.moe_align import max_blocks, moe_align, moe_align_reference  # noqa: E402
-from fastface.moe import grouped_moe_reference, route  # noqa: E402
+from fastface.ops.moe import grouped_moe_reference, route  # noqa: E402
 from fastface.testing import TOLERANCES, assert_close, make_moe_inputs  # noqa: E402
 
 SMALL = gm.BlockConfig(16, 16, 16)

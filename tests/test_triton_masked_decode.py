@@ -11,7 +11,7 @@ import torch
 
 from fastface import ops
 from fastface.backends import available, triton_usable
-from fastface.sampling import masked_decode_step_reference, scheduled_mask_len
+from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
 from fastface.testing import make_decode_inputs
 
 pytestmark = pytest.mark.skipif(not triton_usable("cpu"), reason="Triton not usable here (set TRITON_INTERPRET=1)")

@@ -14,14 +14,18 @@ A token's output is  y = sum_{e in topk} w_e * down_e(act(gate_e x) * up_e x) + 
 where w is the softmax over the group's E router logits restricted to the top k (renormalised if
 ``normalize_topk``). ``activation="gelu"`` uses gelu(tanh) in place of silu (Show-o/Phi compatibility).
 
-This file is the oracle for every fast grouped-expert kernel: a plain loop over groups and experts,
-computed in float32 and cast back to the input dtype. It is never optimised.
+This file holds the op's contract (``grouped_moe``: argument checks, then the backend chosen by
+``fastface.backends``) and its reference: a plain loop over groups and experts, computed in float32 and cast back
+to the input dtype, the oracle for every fast grouped-expert kernel. The reference is never optimised.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastface import backends
+from fastface.checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
 ACTIVATIONS = ("silu", "gelu")
 
@@ -123,22 +127,76 @@ def grouped_moe_per_token(x, group_ids, router_weight, gate_up_proj, down_proj, 
     return torch.cat(ys).to(x.dtype)
 
 
-def load_balancing_loss(router_logits: torch.Tensor, group_ids: torch.Tensor, num_groups: int, top_k: int):
-    """Switch-style auxiliary loss, per group, summed: E * sum_e f_e * P_e.
+# ------------------------------------------------------------------------------------------- contract
 
-    f_e is the fraction of the group's (token, slot) assignments that go to expert e and P_e the mean
-    router probability of e over the group's tokens. Equals 1 for a perfectly balanced router.
+
+def check_grouped_moe_args(x, group_ids, router_weight, gate_up_proj, down_proj, top_k,
+                           shared_gate_up_proj, shared_down_proj, activation="silu"):
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("group_ids", group_ids, 1, (torch.int64,))
+    check_tensor("router_weight", router_weight, 3, FLOAT_DTYPES)
+    check_tensor("gate_up_proj", gate_up_proj, 4, FLOAT_DTYPES)
+    check_tensor("down_proj", down_proj, 4, FLOAT_DTYPES)
+    T, H = x.shape
+    G, E, _ = router_weight.shape
+    check_shape("group_ids", group_ids, (T,))
+    check_shape("router_weight", router_weight, (G, E, H))
+    if gate_up_proj.shape[:2] != (G, E) or gate_up_proj.shape[3] != H or gate_up_proj.shape[2] % 2:
+        raise ValueError(f"gate_up_proj must have shape ({G}, {E}, 2F, {H}), got {tuple(gate_up_proj.shape)}")
+    F = gate_up_proj.shape[2] // 2
+    check_shape("down_proj", down_proj, (G, E, H, F))
+    for name, w in (("router_weight", router_weight), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} does not match x dtype {x.dtype}")
+    check_int("top_k", top_k, 1, E)
+    if (shared_gate_up_proj is None) != (shared_down_proj is None):
+        raise ValueError("shared_gate_up_proj and shared_down_proj must be given together")
+    if shared_gate_up_proj is not None:
+        check_tensor("shared_gate_up_proj", shared_gate_up_proj, 4, (x.dtype,))
+        check_tensor("shared_down_proj", shared_down_proj, 4, (x.dtype,))
+        S, two_fs = shared_gate_up_proj.shape[1], shared_gate_up_proj.shape[2]
+        if shared_gate_up_proj.shape[0] != G or shared_gate_up_proj.shape[3] != H or two_fs % 2:
+            raise ValueError(f"shared_gate_up_proj must have shape ({G}, S, 2Fs, {H}), "
+                             f"got {tuple(shared_gate_up_proj.shape)}")
+        check_shape("shared_down_proj", shared_down_proj, (G, S, H, two_fs // 2))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    devices = {t.device for t in (x, group_ids, router_weight, gate_up_proj, down_proj)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if T and (int(group_ids.min()) < 0 or int(group_ids.max()) >= G):
+        raise ValueError(f"group_ids must lie in [0, {G}), got values in "
+                         f"[{int(group_ids.min())}, {int(group_ids.max())}]")
+
+
+def grouped_moe(x, group_ids, router_weight, gate_up_proj, down_proj, *, top_k, shared_gate_up_proj=None,
+                shared_down_proj=None, normalize_topk=True, return_router_logits=False, activation="silu",
+                backend="auto"):
+    """Grouped token-level mixture of experts.
+
+    Parameters
+    ----------
+    x : Tensor [T, H], float32 or bfloat16
+    group_ids : Tensor [T] int64 in [0, G) -- each token's expert group (its sequence's task)
+    router_weight : Tensor [G, E, H]
+    gate_up_proj : Tensor [G, E, 2F, H] -- gate rows first, then up rows (transformers layout)
+    down_proj : Tensor [G, E, H, F]
+    top_k : int in [1, E]
+    shared_gate_up_proj, shared_down_proj : Tensor [G, S, 2Fs, H], [G, S, H, Fs] or None -- always-on experts
+    normalize_topk : renormalise the kept top-k softmax weights to sum to 1
+    return_router_logits : also return the router logits [T, E] float32 (for the load-balancing loss)
+    activation : "silu" (SwiGLU experts) or "gelu" (tanh GELU gate)
+    backend : "auto" | "reference" | "cpp" | "triton"
+
+    Returns
+    -------
+    y : Tensor [T, H] in x.dtype, or (y, router_logits) when return_router_logits.
     """
-    E = router_logits.shape[-1]
-    total = router_logits.new_zeros(())
-    for g in range(num_groups):
-        rows = group_ids == g
-        if not bool(rows.any()):
-            continue
-        probs = torch.softmax(router_logits[rows].float(), dim=-1)  # [Tg, E]
-        chosen = torch.topk(probs, top_k, dim=-1).indices
-        ones = torch.ones(chosen.numel(), device=probs.device)
-        f = torch.zeros(E, device=probs.device).scatter_add_(0, chosen.flatten(), ones)
-        f = f / chosen.numel()
-        total = total + E * (f * probs.mean(0)).sum()
-    return total
+    check_grouped_moe_args(x, group_ids, router_weight, gate_up_proj, down_proj, top_k,
+                           shared_gate_up_proj, shared_down_proj, activation)
+    weights = (x, router_weight, gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights)
+    _, fn = backends.implementation("grouped_moe", backend, x.device.type, dtype=x.dtype, grad=grad)
+    return fn(x, group_ids, router_weight, gate_up_proj, down_proj, top_k=top_k,
+              shared_gate_up_proj=shared_gate_up_proj, shared_down_proj=shared_down_proj,
+              normalize_topk=normalize_topk, return_router_logits=return_router_logits, activation=activation)

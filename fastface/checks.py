@@ -1,0 +1,143 @@
+"""Argument validation, in one place: the ops, the pipeline, the CLI, the benchmark and the evaluation all check
+their arguments with these functions, so one rule gives one message everywhere.
+
+Python-level checks raise ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, bad value), naming
+the argument. The ``arg_*`` functions are ``argparse`` types built from the same rules: they raise
+``argparse.ArgumentTypeError``, which argparse turns into a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+def check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------- numbers
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """An int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value} out of range [{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}]")
+    return value
+
+
+def check_float(name: str, value, *, lo: float | None = None, positive: bool = False) -> float:
+    """A finite number (int or float, not a bool), > 0 when ``positive``, >= lo when given."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value) -> float:
+    """A number in (0, 1] (confidence thresholds, nucleus mass)."""
+    check_float(name, value)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_strings(name: str, values) -> list[str]:
+    """A string or a non-empty list of strings -> list of strings."""
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(values).__name__}")
+    if len(values) == 0:
+        raise ValueError(f"{name} is empty: give at least one")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(v).__name__}")
+    return list(values)
+
+
+# ---------------------------------------------------------------------------------- argparse types
+
+
+def _parse(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def arg_positive_int(text: str) -> int:
+    value = _parse(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def arg_nonnegative_int(text: str) -> int:
+    value = _parse(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def arg_finite_float(text: str) -> float:
+    value = _parse(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def arg_probability(text: str) -> float:
+    value = arg_finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------------- decoding options
+
+
+def check_decoding(*, steps, guidance, sample_temperature, confidence_temperature, schedule, threshold=None,
+                   schedules=("cosine", "linear")) -> None:
+    """The options of a masked-decoding run, checked once before any work (the reference loop and the engine)."""
+    check_int("steps", steps, 1)
+    check_float("guidance", guidance)
+    check_float("sample_temperature", sample_temperature, positive=True)
+    check_float("confidence_temperature", confidence_temperature, lo=0)
+    check_choice("schedule", schedule, schedules)
+    if threshold is not None:
+        check_probability("threshold", threshold)

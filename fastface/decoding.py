@@ -1,0 +1,58 @@
+"""Which loop decodes: the reference loops or the engine, decided here and nowhere else.
+
+``backend="reference"`` runs the reference loops of ``fastface.sampling`` (a full forward of the model every
+step, the oracle); every other backend runs ``fastface.engine.Engine``, which returns the same tokens faster.
+The pipeline and the benchmark both decode through a ``Decoder``.
+"""
+
+from __future__ import annotations
+
+from fastface import backends
+from fastface.sampling import generate_answer_ids, generate_image_tokens
+
+
+class Decoder:
+    """The decoding loops of one model under one backend.
+
+    Parameters
+    ----------
+    model : FaceTransformer in eval mode
+    backend : "auto" | "reference" | "torch" | "cpp" | "triton"
+    """
+
+    def __init__(self, model, backend: str = "auto"):
+        self.model = model
+        self.backend = backends.validate_choice(backend)
+        self._engine = None
+
+    @property
+    def uses_engine(self) -> bool:
+        return self.backend != "reference"
+
+    @property
+    def engine(self):
+        """The engine (created on first use); None when this decoder runs the reference loops."""
+        if self._engine is None and self.uses_engine:
+            from fastface.engine import Engine
+
+            self._engine = Engine(self.model, backend=self.backend)
+        return self._engine
+
+    @property
+    def last_stats(self):
+        """``GenerationStats`` of the engine's last image run (None for the reference loops)."""
+        return self._engine.last_stats if self._engine is not None else None
+
+    def image_tokens(self, prompt_ids, *, timers=None, **kwargs):
+        """Codebook ids [B, N]; keyword arguments as ``fastface.sampling.generate_image_tokens``."""
+        if self.uses_engine:
+            return self.engine.generate_image_tokens(prompt_ids, timers=timers, **kwargs)
+        self.model.set_backend("reference")
+        return generate_image_tokens(self.model, prompt_ids, backend="reference", **kwargs)
+
+    def answer_ids(self, prompt_ids, *, timers=None, **kwargs):
+        """New ids per row; keyword arguments as ``fastface.sampling.generate_answer_ids``."""
+        if self.uses_engine:
+            return self.engine.generate_answer_ids(prompt_ids, timers=timers, **kwargs)
+        self.model.set_backend("reference")
+        return generate_answer_ids(self.model, prompt_ids, **kwargs)

@@ -1,0 +1,22 @@
+"""The three hot ops, one contract each, every backend behind it.
+
+    from fastface import ops
+    y = ops.grouped_moe(x, group_ids, router_weight, gate_up_proj, down_proj, top_k=2)
+    tokens, masked = ops.masked_decode_step(logits, tokens, masked, u, step=s, steps=T, guidance=2.0)
+    loss = ops.d3diff_loss(logits, targets, mask_ratio, alpha=0.1)
+
+One file per op, each in the same order: the op's vocabulary, its readable reference (the oracle every backend
+is tested against), then the contract -- argument checks (once, for every backend: a bad argument raises
+``ValueError`` or ``TypeError`` naming it; the C++ kernels check again before touching memory) and the call
+into the backend ``fastface.backends`` picks. Nothing here imports the model or the decoding loops.
+
+    ops/moe.py            grouped_moe          (reference: grouped_moe_reference)
+    ops/masked_decode.py  masked_decode_step   (reference: masked_decode_step_reference)
+    ops/d3diff.py         d3diff_loss          (reference: d3diff_loss_reference)
+"""
+
+from fastface.ops.d3diff import d3diff_loss
+from fastface.ops.masked_decode import SCHEDULES, masked_decode_step
+from fastface.ops.moe import ACTIVATIONS, grouped_moe
+
+__all__ = ["ACTIVATIONS", "SCHEDULES", "d3diff_loss", "grouped_moe", "masked_decode_step"]
