@@ -6,7 +6,20 @@ import numpy as np
 import pytest
 
 from fastface.config import SPECIAL_TOKENS, UNK_ID
-from fastface.data import faceworld as fw
+from fastface.data.attributes import ATTRIBUTES, IDENTITY_ATTRIBUTES, FaceAttributes, sample_attributes, sample_identity
+from fastface.data.dataset import make_dataset
+from fastface.data.renderer import (
+    ACCESSORIES,
+    EYES,
+    GLASSES,
+    HAIR,
+    LANDMARKS,
+    LIPS,
+    NOSE,
+    PARSING_CLASSES,
+    SKIN,
+    render,
+)
 from fastface.data.text import answer_text, caption, parse_caption, split_words, vocabulary, vqa_pairs
 from fastface.tokenizer import build_text_tokenizer, decode_text, encode_text, load_text_tokenizer
 
@@ -15,11 +28,11 @@ N = 120  # faces per dataset-level test (about 0.4 s)
 
 @pytest.fixture(scope="module")
 def data():
-    return fw.make_dataset(N, seed=11)
+    return make_dataset(N, seed=11)
 
 
 def _attrs(seed=0, **changes):
-    return dataclasses.replace(fw.sample_attributes(np.random.default_rng(seed)), **changes)
+    return dataclasses.replace(sample_attributes(np.random.default_rng(seed)), **changes)
 
 
 # ------------------------------------------------------------------------------------- generator
@@ -27,45 +40,45 @@ def _attrs(seed=0, **changes):
 def test_dataset_shapes_and_dtypes(data):
     assert data["images"].shape == (N, 64, 64, 3) and data["images"].dtype == np.uint8
     assert data["parsing"].shape == (N, 64, 64) and data["parsing"].dtype == np.uint8
-    assert data["landmarks"].shape == (N, len(fw.LANDMARKS), 2) and data["landmarks"].dtype == np.float32
-    assert data["labels"].shape == (N, len(fw.ATTRIBUTES)) and data["identity"].shape == (N,)
-    assert int(data["parsing"].max()) < len(fw.PARSING_CLASSES)
-    assert len(fw.ATTRIBUTES) >= 16 and all(len(v) >= 2 for v in fw.ATTRIBUTES.values())
+    assert data["landmarks"].shape == (N, len(LANDMARKS), 2) and data["landmarks"].dtype == np.float32
+    assert data["labels"].shape == (N, len(ATTRIBUTES)) and data["identity"].shape == (N,)
+    assert int(data["parsing"].max()) < len(PARSING_CLASSES)
+    assert len(ATTRIBUTES) >= 16 and all(len(v) >= 2 for v in ATTRIBUTES.values())
 
 
 def test_deterministic_per_seed(data):
-    again = fw.make_dataset(N, seed=11)
+    again = make_dataset(N, seed=11)
     for key in ("images", "parsing", "landmarks", "labels", "identity"):
         np.testing.assert_array_equal(data[key], again[key], err_msg=key)
     assert data["captions"] == again["captions"]
-    other = fw.make_dataset(8, seed=12)
+    other = make_dataset(8, seed=12)
     assert not np.array_equal(other["images"], data["images"][:8])
     # a slice of a dataset equals the same samples rendered alone
-    part = fw.make_dataset(5, seed=11, start=40)
+    part = make_dataset(5, seed=11, start=40)
     np.testing.assert_array_equal(part["images"], data["images"][40:45])
 
 
 def test_render_sizes_and_canonical_pose():
     a = _attrs(3)
-    big = fw.render(a, size=128, seed=4)
+    big = render(a, size=128, seed=4)
     assert big.image.shape == (128, 128, 3) and big.parsing.shape == (128, 128)
-    assert np.array_equal(fw.render(a, jitter=False).image, fw.render(a, seed=None).image)
-    assert not np.array_equal(fw.render(a, seed=1).image, fw.render(a, seed=2).image)
+    assert np.array_equal(render(a, jitter=False).image, render(a, seed=None).image)
+    assert not np.array_equal(render(a, seed=1).image, render(a, seed=2).image)
     with pytest.raises(ValueError, match="size"):
-        fw.render(a, size=32)
+        render(a, size=32)
     with pytest.raises(TypeError):
-        fw.render(a.to_dict())
+        render(a.to_dict())
 
 
 @pytest.mark.parametrize("cls, present", [
-    (fw.GLASSES, lambda a: a.glasses != "none"),
-    (fw.ACCESSORIES, lambda a: a.hat != "none" or a.earrings != "none"),
-    (fw.HAIR, lambda a: a.hair_style != "bald" or a.facial_hair != "none"),
+    (GLASSES, lambda a: a.glasses != "none"),
+    (ACCESSORIES, lambda a: a.hat != "none" or a.earrings != "none"),
+    (HAIR, lambda a: a.hair_style != "bald" or a.facial_hair != "none"),
 ])
 def test_parsing_classes_only_when_present(data, cls, present):
     for i, a in enumerate(data["attrs"]):
         count = int((data["parsing"][i] == cls).sum())
-        assert (count > 0) == present(a), f"sample {i}: {fw.PARSING_CLASSES[cls]} has {count} pixels for {a}"
+        assert (count > 0) == present(a), f"sample {i}: {PARSING_CLASSES[cls]} has {count} pixels for {a}"
 
 
 def test_hat_and_earring_pixels():
@@ -73,8 +86,8 @@ def test_hat_and_earring_pixels():
         for earrings in ("none", "hoops", "studs"):
             a = _attrs(5, hair_style="short", hat=hat, hat_colour="none" if hat == "none" else "red",
                        earrings=earrings)
-            face = fw.render(a, seed=1)
-            acc = face.parsing == fw.ACCESSORIES
+            face = render(a, seed=1)
+            acc = face.parsing == ACCESSORIES
             upper, lower = acc[:20].sum(), acc[34:].sum()  # hats sit above the brows, earrings below the ears
             assert (upper > 0) == (hat != "none"), (hat, earrings)
             assert (lower > 0) == (earrings != "none"), (hat, earrings)
@@ -85,37 +98,37 @@ def test_landmarks_inside_the_face(data):
         lab, lm = data["parsing"][i], data["landmarks"][i]
         assert ((lm >= 0) & (lm <= 63)).all()
         px = np.rint(lm).astype(int)
-        eye_ok = {fw.EYES, fw.GLASSES}
+        eye_ok = {EYES, GLASSES}
         for k in (0, 1):
             x, y = px[k]
-            assert lab[y, x] in eye_ok, f"sample {i}: eye landmark on {fw.PARSING_CLASSES[lab[y, x]]}"
+            assert lab[y, x] in eye_ok, f"sample {i}: eye landmark on {PARSING_CLASSES[lab[y, x]]}"
         x, y = px[2]
-        assert lab[y, x] in (fw.NOSE, fw.SKIN), f"sample {i}: nose tip on {fw.PARSING_CLASSES[lab[y, x]]}"
+        assert lab[y, x] in (NOSE, SKIN), f"sample {i}: nose tip on {PARSING_CLASSES[lab[y, x]]}"
         for k in (3, 4):
             x, y = px[k]
             window = lab[y - 2 : y + 3, x - 2 : x + 3]
-            assert (window == fw.LIPS).any(), f"sample {i}: mouth corner {k} is not at the lips"
+            assert (window == LIPS).any(), f"sample {i}: mouth corner {k} is not at the lips"
         assert lm[0, 0] < lm[1, 0], "left eye (image left) comes first"
         assert lm[3, 0] < lm[4, 0] and lm[2, 1] > lm[0, 1] and lm[3, 1] > lm[2, 1]
 
 
 def test_identity_fixes_identity_attributes():
     for identity in (0, 7, 12345):
-        faces = [fw.sample_attributes(np.random.default_rng(s), identity=identity) for s in range(12)]
-        ref = fw.sample_identity(identity)
+        faces = [sample_attributes(np.random.default_rng(s), identity=identity) for s in range(12)]
+        ref = sample_identity(identity)
         for a in faces:
             assert a.identity == identity
-            for name in fw.IDENTITY_ATTRIBUTES:
+            for name in IDENTITY_ATTRIBUTES:
                 assert getattr(a, name) == ref[name], name
-        varying = {name for name in fw.ATTRIBUTES if len({getattr(a, name) for a in faces}) > 1}
+        varying = {name for name in ATTRIBUTES if len({getattr(a, name) for a in faces}) > 1}
         assert {"expression", "background", "glasses"} <= varying
     with pytest.raises(ValueError, match="identity"):
-        fw.sample_identity(-1)
+        sample_identity(-1)
 
 
 def test_identity_range():
     rng = np.random.default_rng(0)
-    ids = [fw.sample_attributes(rng, n_identities=10, identity_offset=1000).identity for _ in range(50)]
+    ids = [sample_attributes(rng, n_identities=10, identity_offset=1000).identity for _ in range(50)]
     assert min(ids) >= 1000 and max(ids) < 1010
 
 
@@ -123,15 +136,15 @@ def test_makeup_changes_only_lips_eyes_and_cheeks():
     checked = 0
     for seed in range(40):
         a = _attrs(seed, gender="woman", facial_hair="none", lipstick="red", eye_shadow="blue", blush="yes")
-        on, off = fw.render(a, seed=seed), fw.render(a, seed=seed, makeup=False)
+        on, off = render(a, seed=seed), render(a, seed=seed, makeup=False)
         np.testing.assert_array_equal(on.parsing, off.parsing)
         np.testing.assert_array_equal(on.landmarks, off.landmarks)
-        assert np.array_equal(off.image, fw.render(a.without_makeup(), seed=seed).image)
+        assert np.array_equal(off.image, render(a.without_makeup(), seed=seed).image)
         changed = (on.image != off.image).any(-1)
         assert changed.any()
         yy, xx = np.mgrid[0:64, 0:64]
         allowed = np.zeros((64, 64), bool)
-        lips = on.parsing == fw.LIPS
+        lips = on.parsing == LIPS
         for dy in (-2, -1, 0, 1, 2):  # label maps are point-sampled, colours box-filtered: 2 px of slack
             for dx in (-2, -1, 0, 1, 2):
                 allowed |= np.roll(np.roll(lips, dy, 0), dx, 1)
@@ -151,7 +164,7 @@ def test_attributes_validate():
     with pytest.raises(ValueError, match="hat"):
         _attrs(0, hat="cap", hat_colour="none")
     a = _attrs(0)
-    assert fw.FaceAttributes(**a.to_dict()) == a
+    assert FaceAttributes(**a.to_dict()) == a
 
 
 # ------------------------------------------------------------------------------------ captions, VQA

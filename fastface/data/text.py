@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from fastface.data.faceworld import ATTRIBUTES, FaceAttributes
+from fastface.data.attributes import ATTRIBUTES, FaceAttributes
 
 _WORD = re.compile(r"\w+(?:-\w+)*|[^\w\s]|-")
 

@@ -57,7 +57,7 @@ class FaceWorldData:
     @classmethod
     def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True,
               qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0):
-        from fastface.data.faceworld import make_dataset
+        from fastface.data.dataset import make_dataset
         from fastface.tokenizer import default_text_tokenizer
 
         if not isinstance(qa_per_example, int) or qa_per_example < 1:

@@ -1,18 +1,11 @@
-"""Face world: procedural faces with fine-grained ground truth.
+"""Face-world renderer: ``FaceAttributes`` -> image, parsing mask and landmarks.
 
-A face is fixed by a ``FaceAttributes`` record (20 named attributes plus an identity id) and rendered with
-PIL at 128x128 on a 2x-supersampled canvas, rotated by a small pose angle, box-filtered down to 64x64 uint8
-RGB and lit by a soft gradient. Every sample carries its parsing mask, 5 landmarks and identity.
+A face is rendered with PIL at 128x128 on a 2x-supersampled canvas, rotated by a small pose angle,
+box-filtered down to 64x64 uint8 RGB and lit by a soft gradient. Every sample carries its parsing mask,
+5 landmarks and identity.
 
-    rng = np.random.default_rng(0)
-    attrs = sample_attributes(rng)                 # identity drawn from rng; identity attributes follow it
     face = render(attrs, seed=1)                   # FaceSample: image [64, 64, 3] uint8, parsing, landmarks
     bare = render(attrs, seed=1, makeup=False)     # the same face and pose without lipstick, shadow, blush
-    data = make_dataset(1000, seed=0)              # stacked arrays, deterministic per seed
-
-Identity fixes the person — gender, age, face shape, skin tone, eye colour, eyebrows, nose and a few
-continuous proportions (eye spacing, face width, mouth width) — while hair, expression, accessories,
-makeup, clothes and background vary between samples of one identity.
 
 Coordinates: geometry is written in 64-pixel units (continuous, the image spans [0, 64]); landmarks are
 returned as pixel indices at 64x64 (x = column, y = row), i.e. continuous - 0.5.
@@ -20,43 +13,13 @@ returned as pixel indices at 64x64 (x = column, y = row), i.e. continuous - 0.5.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-# ------------------------------------------------------------------------------------------- attributes
-
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    # identity attributes (fixed by the identity id)
-    "gender": ("woman", "man"),
-    "age": ("young", "middle-aged", "old"),
-    "face_shape": ("oval", "round", "square", "long"),
-    "skin_tone": ("pale", "fair", "tan", "brown", "dark"),
-    "eye_colour": ("brown", "blue", "green", "grey"),
-    "eyebrows": ("straight", "arched", "slanted"),
-    "nose": ("small", "medium", "large"),
-    # per-sample attributes
-    "hair_style": ("bald", "buzz", "short", "long", "curly", "bun", "bob"),
-    "hair_colour": ("black", "brown", "blonde", "red", "grey", "white", "pink", "blue"),
-    "expression": ("smiling", "neutral", "open", "frowning"),
-    "glasses": ("none", "round", "square", "sunglasses"),
-    "facial_hair": ("none", "moustache", "beard", "goatee", "stubble"),
-    "earrings": ("none", "hoops", "studs"),
-    "hat": ("none", "cap", "beanie", "top hat"),
-    "hat_colour": ("none", "red", "blue", "green", "black", "yellow"),
-    "lipstick": ("none", "red", "pink", "purple"),
-    "eye_shadow": ("none", "blue", "purple", "green"),
-    "blush": ("no", "yes"),
-    "background": ("white", "grey", "blue", "green", "yellow", "pink", "purple"),
-    "shirt_colour": ("red", "blue", "green", "black", "white", "yellow"),
-}
-IDENTITY_ATTRIBUTES = ("gender", "age", "face_shape", "skin_tone", "eye_colour", "eyebrows", "nose")
-MAKEUP_ATTRIBUTES = ("lipstick", "eye_shadow", "blush")
-N_IDENTITIES = 100_000  # identity ids are drawn from [0, N_IDENTITIES) unless told otherwise
+from fastface.data.attributes import FaceAttributes, sample_identity
 
 # parsing classes (uint8 values of FaceSample.parsing)
 PARSING_CLASSES = ("background", "skin", "hair", "brows", "eyes", "nose", "lips", "glasses", "accessories", "clothes")
@@ -95,55 +58,6 @@ MOUTH_INSIDE = (90, 16, 28)
 EYE_WHITE = (250, 250, 250)
 
 
-@dataclass(frozen=True)
-class FaceAttributes:
-    """One face's attributes; every field holds one of ``ATTRIBUTES[name]`` (``identity`` is an int id)."""
-
-    identity: int
-    gender: str
-    age: str
-    face_shape: str
-    skin_tone: str
-    eye_colour: str
-    eyebrows: str
-    nose: str
-    hair_style: str
-    hair_colour: str
-    expression: str
-    glasses: str
-    facial_hair: str
-    earrings: str
-    hat: str
-    hat_colour: str
-    lipstick: str
-    eye_shadow: str
-    blush: str
-    background: str
-    shirt_colour: str
-
-    def __post_init__(self):
-        for name, values in ATTRIBUTES.items():
-            value = getattr(self, name)
-            if value not in values:
-                raise ValueError(f"attribute {name}={value!r} is not one of {values}")
-        if (self.hat == "none") != (self.hat_colour == "none"):
-            raise ValueError(f"hat={self.hat!r} and hat_colour={self.hat_colour!r} disagree")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def labels(self) -> np.ndarray:
-        """Index of each attribute's value in ``ATTRIBUTES`` order -> int64 [len(ATTRIBUTES)]."""
-        return np.array([ATTRIBUTES[n].index(getattr(self, n)) for n in ATTRIBUTES], dtype=np.int64)
-
-    def without_makeup(self) -> FaceAttributes:
-        return dataclasses.replace(self, lipstick="none", eye_shadow="none", blush="no")
-
-    @property
-    def has_makeup(self) -> bool:
-        return self.lipstick != "none" or self.eye_shadow != "none" or self.blush == "yes"
-
-
 @dataclass
 class FaceSample:
     """A rendered face: image uint8 [64, 64, 3], parsing uint8 [64, 64], landmarks float32 [5, 2] (x, y)."""
@@ -154,83 +68,6 @@ class FaceSample:
     attrs: FaceAttributes
     identity: int
 
-
-def _choice(rng: np.random.Generator, values, p=None):
-    return values[int(rng.choice(len(values), p=p))]
-
-
-def sample_identity(identity: int) -> dict:
-    """The identity attributes and face proportions of person ``identity`` (deterministic per id).
-
-    Returns a dict with the ``IDENTITY_ATTRIBUTES`` plus ``proportions`` (face width, eye spacing, eye height
-    and mouth width factors near 1).
-    """
-    if not isinstance(identity, (int, np.integer)) or isinstance(identity, bool) or identity < 0:
-        raise ValueError(f"identity must be a non-negative int, got {identity!r}")
-    return dict(_identity(int(identity)))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _identity(identity: int) -> tuple:
-    rng = np.random.default_rng([0x1D, identity])
-    out = {
-        "gender": _choice(rng, ATTRIBUTES["gender"]),
-        "age": _choice(rng, ATTRIBUTES["age"], p=[0.4, 0.3, 0.3]),
-        "face_shape": _choice(rng, ATTRIBUTES["face_shape"]),
-        "skin_tone": _choice(rng, ATTRIBUTES["skin_tone"]),
-        "eye_colour": _choice(rng, ATTRIBUTES["eye_colour"]),
-        "eyebrows": _choice(rng, ATTRIBUTES["eyebrows"]),
-        "nose": _choice(rng, ATTRIBUTES["nose"]),
-    }
-    out["proportions"] = tuple(float(v) for v in rng.uniform(0.94, 1.06, size=4))
-    return tuple(out.items())
-
-
-def sample_attributes(rng: np.random.Generator, identity: int | None = None, *,
-                      n_identities: int = N_IDENTITIES, identity_offset: int = 0) -> FaceAttributes:
-    """Draw a face: identity ``identity`` (or one from ``[offset, offset + n_identities)``) and the rest."""
-    if identity is None:
-        identity = identity_offset + int(rng.integers(n_identities))
-    ident = sample_identity(identity)
-    woman = ident["gender"] == "woman"
-    age = ident["age"]
-    if woman:
-        style = _choice(rng, ("short", "long", "curly", "bun", "bob"), p=[0.15, 0.3, 0.2, 0.15, 0.2])
-    else:
-        style = _choice(rng, ("bald", "buzz", "short", "curly"), p=[0.2, 0.2, 0.4, 0.2] if age != "young"
-                        else [0.1, 0.25, 0.45, 0.2])
-    if age == "old":
-        hair = _choice(rng, ("grey", "white"))
-    elif age == "middle-aged":
-        hair = _choice(rng, ("black", "brown", "blonde", "red", "grey", "pink", "blue"),
-                       p=[0.2, 0.2, 0.15, 0.15, 0.2, 0.05, 0.05])
-    else:
-        hair = _choice(rng, ("black", "brown", "blonde", "red", "pink", "blue"), p=[0.24, 0.24, 0.2, 0.16, 0.08, 0.08])
-    expression = _choice(rng, ATTRIBUTES["expression"])
-    glasses = _choice(rng, ATTRIBUTES["glasses"], p=[0.5, 0.17, 0.17, 0.16])
-    facial_hair = "none" if woman else _choice(rng, ATTRIBUTES["facial_hair"], p=[0.4, 0.15, 0.15, 0.15, 0.15])
-    earrings = _choice(rng, ATTRIBUTES["earrings"], p=[0.5, 0.25, 0.25] if woman else [0.8, 0.1, 0.1])
-    if style in ("bald", "buzz", "bun"):
-        hat = _choice(rng, ATTRIBUTES["hat"], p=[0.8, 0.0, 0.1, 0.1]) if style == "bald" else "none"
-    else:
-        hat = _choice(rng, ATTRIBUTES["hat"], p=[0.55, 0.15, 0.15, 0.15])
-    hat_colour = "none" if hat == "none" else _choice(rng, ATTRIBUTES["hat_colour"][1:])
-    p_makeup = 0.55 if woman else 0.04
-    lipstick = _choice(rng, ATTRIBUTES["lipstick"][1:]) if rng.random() < p_makeup else "none"
-    eye_shadow = _choice(rng, ATTRIBUTES["eye_shadow"][1:]) if rng.random() < p_makeup else "none"
-    blush = "yes" if rng.random() < p_makeup * 0.8 else "no"
-    # keep hair, hat and clothes apart from the background so their outlines stay visible
-    taken = {hair if style != "bald" else None, hat_colour}
-    background = _choice(rng, tuple(b for b in ATTRIBUTES["background"] if b not in taken))
-    shirt = _choice(rng, tuple(s for s in ATTRIBUTES["shirt_colour"] if s != background))
-    return FaceAttributes(identity=int(identity), **{k: v for k, v in ident.items() if k != "proportions"},
-                          hair_style=style, hair_colour=hair, expression=expression, glasses=glasses,
-                          facial_hair=facial_hair, earrings=earrings, hat=hat, hat_colour=hat_colour,
-                          lipstick=lipstick, eye_shadow=eye_shadow, blush=blush, background=background,
-                          shirt_colour=shirt)
-
-
-# ------------------------------------------------------------------------------------------- rendering
 
 def _mix(a, b, t: float):
     """(1 - t) * a + t * b for RGB tuples."""
@@ -578,100 +415,3 @@ def render(attrs: FaceAttributes, size: int = IMAGE_SIZE, *, makeup: bool = True
     parsing = np.asarray(lab, dtype=np.uint8)[factor // 2 :: factor, factor // 2 :: factor].copy()
     landmarks = (landmarks * (size / IMAGE_SIZE) - 0.5).astype(np.float32)
     return FaceSample(image=img, parsing=parsing, landmarks=landmarks, attrs=attrs, identity=attrs.identity)
-
-
-# ------------------------------------------------------------------------------------------- datasets
-
-def sample_seed(seed: int, index: int) -> np.random.Generator:
-    """The generator of sample ``index`` of dataset ``seed`` (samples are independent of each other)."""
-    return np.random.default_rng([int(seed), int(index)])
-
-
-def make_sample(seed: int, index: int, *, n_identities: int = N_IDENTITIES, identity_offset: int = 0,
-                makeup: bool = True) -> FaceSample:
-    """Sample ``index`` of the dataset ``seed``: attributes, pose and lighting all follow (seed, index)."""
-    rng = sample_seed(seed, index)
-    attrs = sample_attributes(rng, n_identities=n_identities, identity_offset=identity_offset)
-    return render(attrs, makeup=makeup, seed=int(rng.integers(2**31)))
-
-
-def make_dataset(n: int, seed: int = 0, *, n_identities: int = N_IDENTITIES, identity_offset: int = 0,
-                 captions: bool = True, start: int = 0) -> dict:
-    """Render ``n`` faces (samples ``start`` … ``start + n - 1`` of dataset ``seed``) as stacked arrays.
-
-    Returns a dict: ``images`` uint8 [n, 64, 64, 3], ``parsing`` uint8 [n, 64, 64], ``landmarks`` float32
-    [n, 5, 2], ``identity`` int64 [n], ``labels`` int64 [n, len(ATTRIBUTES)] (value indices in ``ATTRIBUTES``
-    order), ``attrs`` (list of FaceAttributes) and, with ``captions=True``, ``captions`` (list of str; each
-    caption drawn from the sample's own generator after rendering).
-
-    Speed: about 550 faces/s per core in CPU time (1.8 ms per face with its caption; PIL 13, this 2-core box;
-    ``python -m fastface.data.faceworld --bench`` measures it).
-    """
-    from fastface.data.text import caption as make_caption
-
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    parsing = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    landmarks = np.empty((n, len(LANDMARKS), 2), np.float32)
-    labels = np.empty((n, len(ATTRIBUTES)), np.int64)
-    identity = np.empty((n,), np.int64)
-    attrs_list, caps = [], []
-    for i in range(n):
-        rng = sample_seed(seed, start + i)
-        attrs = sample_attributes(rng, n_identities=n_identities, identity_offset=identity_offset)
-        face = render(attrs, seed=int(rng.integers(2**31)))
-        images[i], parsing[i], landmarks[i] = face.image, face.parsing, face.landmarks
-        labels[i] = attrs.labels()
-        identity[i] = attrs.identity
-        attrs_list.append(attrs)
-        if captions:
-            caps.append(make_caption(attrs, rng))
-    out = {"images": images, "parsing": parsing, "landmarks": landmarks, "identity": identity, "labels": labels,
-           "attrs": attrs_list}
-    if captions:
-        out["captions"] = caps
-    return out
-
-
-def save_grid(path, n: int = 16, seed: int = 0, *, cols: int = 4, upscale: int = 4, captions: bool = False):
-    """Write a grid of ``n`` faces from dataset ``seed`` (nearest-upscaled) as a PNG; returns the dataset."""
-    data = make_dataset(n, seed)
-    rows = math.ceil(n / cols)
-    cell = IMAGE_SIZE * upscale
-    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
-    for i in range(n):
-        tile = Image.fromarray(data["images"][i]).resize((cell, cell), Image.NEAREST)
-        grid.paste(tile, ((i % cols) * cell, (i // cols) * cell))
-    grid.save(path)
-    if captions:
-        for i, text in enumerate(data["captions"]):
-            print(f"[{i // cols},{i % cols}] {text}")
-    return data
-
-
-def _main(argv=None):
-    import argparse
-    import time
-
-    from fastface.data import faceworld as fw  # the package module, not __main__ (one FaceAttributes class)
-
-    parser = argparse.ArgumentParser(description="face world: sample grid and generator throughput")
-    parser.add_argument("--grid", help="write a 4x4 sample grid PNG here")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bench", action="store_true", help="measure faces/s on one core")
-    args = parser.parse_args(argv)
-    if args.grid:
-        fw.save_grid(args.grid, 16, args.seed, captions=True)
-    if args.bench:
-        fw.make_dataset(50, seed=1)
-        n = 1000
-        t0, c0 = time.perf_counter(), time.process_time()
-        fw.make_dataset(n, seed=2)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        print(f"make_dataset: {n / dc:.0f} faces/s per core (CPU time), {n / dt:.0f} faces/s wall "
-              f"({1e3 * dc / n:.2f} ms CPU per face, with captions)")
-
-
-if __name__ == "__main__":
-    _main()
