@@ -58,6 +58,8 @@ py::tuple grouped_moe(const py::object& x, const py::object& group_ids, const py
                       bool normalize_topk, const std::string& activation, bool return_router_logits);
 py::object moe_experts(const py::object& x, const py::object& top_k_index, const py::object& top_k_weights,
                        const py::object& gate_up_proj, const py::object& down_proj, const std::string& activation);
+
+// gemm.cpp (the matmul core of grouped_moe.cpp)
 void set_matmul_path(const std::string& path);
 std::string matmul_path(bool bf16);
 
@@ -101,6 +103,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("moe_experts", &fastface::moe_experts, py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"),
         py::arg("gate_up_proj"), py::arg("down_proj"), py::arg("activation"),
         "Experts only, routing given (transformers layout, one group, no shared expert): returns y.");
+
+  // ---- gemm.cpp ----
   m.def("set_matmul_path", &fastface::set_matmul_path, py::arg("path"),
         "Force the matmul core: 'auto', 'amx', 'avx512', 'avx2' or 'scalar' (tests and benchmarks).");
   m.def("matmul_path", &fastface::matmul_path, py::arg("bf16"), "The matmul core a call would use now.");
