@@ -2,7 +2,7 @@
 //
 // Legend: M rows (masked positions), V codebook size.
 //
-// Definitions (reference: fastface/loss.py, d3diff_loss_reference), per row i with target t and ratio m:
+// Definitions (reference: fastface/ops/d3diff.py, d3diff_loss_reference), per row i with target t and ratio m:
 //   lse  = logsumexp(l),  Z = exp(lse),  r = min((1 - m) / m, r_max),  log r (r > 0)
 //   CE   = lse - l[t]
 //   SE   = exp(lse + log r) - r * (l[t] + log r) + r * (log r - 1)       (0 where r = 0)

@@ -3,7 +3,7 @@
 // Legend: B sequences, R logits rows (B, or 2B with guidance), N image tokens per sequence, V codebook
 // size, P still-masked positions of the batch, L = 8 positions decoded together (one "lane" each).
 //
-// Contract and algorithm: fastface/sampling.py, masked_decode_step_reference. This kernel returns
+// Contract and algorithm: fastface/ops/masked_decode.py, masked_decode_step_reference. This kernel returns
 // exactly the reference's tokens and mask given the same logits and u, so every float it computes is the
 // float the reference computes, op for op:
 //   z      = ((1 + w) * cond - w * uncond) / tau        float32 mul, mul, sub, div (never contracted into

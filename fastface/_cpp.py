@@ -163,7 +163,7 @@ def masked_decode_step(logits, tokens, masked, u, *, step, steps, guidance=0.0, 
     """One parallel masked-token decoding step on the CPU (csrc/masked_decode.cpp).
 
     Contract: ``fastface.ops.masked_decode_step``; returns exactly the tokens and mask of
-    ``fastface.sampling.masked_decode_step_reference`` given the same logits and u.
+    ``fastface.ops.masked_decode.masked_decode_step_reference`` given the same logits and u.
 
     Parameters
     ----------
@@ -218,7 +218,7 @@ class _D3DiffLoss(torch.autograd.Function):
 def d3diff_loss(logits, targets, mask_ratio, *, alpha, reduction="mean", r_max=None):
     """D3Diff loss on the CPU (csrc/d3diff.cpp), differentiable w.r.t. ``logits``.
 
-    Contract: ``fastface.ops.d3diff_loss`` (definitions in ``fastface.loss``).
+    Contract: ``fastface.ops.d3diff_loss`` (definitions in ``fastface/ops/d3diff.py``).
 
     Parameters
     ----------

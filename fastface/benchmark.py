@@ -242,7 +242,7 @@ def threshold_study(subject: Subject, *, backend, dtype, batch, steps, guidance,
         ran = []  # one entry per forward pass actually run
         t0 = time.perf_counter()
         tokens = _decoder(model, backend).image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds,
-                                                       threshold=thr, callback=lambda *_: ran.append(1))
+                                                       threshold=thr, callback=lambda *_, ran=ran: ran.append(1))
         secs = time.perf_counter() - t0
         run = len(ran)
         rows.append(dict(threshold=thr, steps=steps, steps_run=run, steps_saved=steps - run, seconds=round(secs, 4),
@@ -391,16 +391,19 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model if installed, "
                    "else random weights of --preset)")
     p.add_argument("--preset", default="face-s", help="model shape for random weights (default: face-s)")
-    p.add_argument("--batch", type=arg_positive_int, nargs="+", default=[1, 4, 16], help="batch sizes (default: 1 4 16)")
+    p.add_argument("--batch", type=arg_positive_int, nargs="+", default=[1, 4, 16],
+                   help="batch sizes (default: 1 4 16)")
     p.add_argument("--steps", type=arg_positive_int, default=16, help="decoding steps per image (default: 16)")
-    p.add_argument("--guidance", type=arg_finite_float, default=2.0, help="classifier-free guidance weight (default: 2.0)")
+    p.add_argument("--guidance", type=arg_finite_float, default=2.0,
+                   help="classifier-free guidance weight (default: 2.0)")
     p.add_argument("--backends", nargs="+", default=["reference", "auto"],
                    choices=list(CHOICES),
                    help="backends to compare (default: reference auto); unusable ones are skipped")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_NAMES),
                    help="transformer precisions (default: float32 bfloat16; the reference runs in float32)")
     p.add_argument("--repeats", type=arg_positive_int, default=3, help="timed runs per case (default: 3)")
-    p.add_argument("--warmup", type=arg_nonnegative_int, default=1, help="untimed short runs per case first (default: 1)")
+    p.add_argument("--warmup", type=arg_nonnegative_int, default=1,
+                   help="untimed short runs per case first (default: 1)")
     p.add_argument("--no-answer", action="store_true", help="skip the answering (text tokens/s) cases")
     p.add_argument("--thresholds", type=arg_probability, nargs="*", default=[0.5, 0.7, 0.9],
                    help="confidence thresholds to study at the largest batch (steps saved, agreement); "

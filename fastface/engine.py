@@ -119,7 +119,7 @@ class Engine:
         return self.model.dtype
 
     def _weights_key(self):
-        return (self.dtype, self.device, tuple(p._version for p in self.model.parameters()))
+        return (self.dtype, self.device, self.model.weights_version())
 
     # ------------------------------------------------------------------------------------------- prefill
     def _prefill(self, ids, group: int, cond_mask, e_sem, e_id, extra: int, timers) -> tuple[_Prefix, torch.Tensor]:

@@ -378,6 +378,10 @@ class FaceTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def weights_version(self) -> tuple:
+        """Changes whenever a parameter is modified in place (caches of derived values compare it)."""
+        return tuple(p._version for p in self.parameters())
+
     # ------------------------------------------------------------------------ pieces the engine calls
     def blocks(self, input_ids: torch.Tensor, ctx: BlockContext):
         """Embed ids [B, L] and run every block -> (hidden [B, L, H] before ln_f, router logits per layer,
@@ -397,7 +401,8 @@ class FaceTransformer(nn.Module):
 
     def seq_mixtures(self, routes: list, task: torch.Tensor, e_sem=None, e_id=None) -> list:
         """Per layer ``SeqMixture`` of fixed routes (and embeddings), for ``BlockContext.seq``."""
-        return [layer.seq_moe.mixture(route, task, self.dtype, e_sem, e_id) for layer, route in zip(self.layers, routes)]
+        return [layer.seq_moe.mixture(route, task, self.dtype, e_sem, e_id)
+                for layer, route in zip(self.layers, routes)]
 
     # ------------------------------------------------------------------------------------ reference
     def forward(

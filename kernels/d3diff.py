@@ -2,7 +2,7 @@
 
 Legend: M masked positions (rows), V codebook size, BV vocabulary block.
 
-Same result as ``fastface.loss.d3diff_loss_reference`` (the oracle, SEDD form). Per row i with logits l,
+Same result as ``fastface.ops.d3diff.d3diff_loss_reference`` (the oracle, SEDD form). Per row i with logits l,
 target t, mask ratio m and r = (1 - m) / m (clipped to r_max):
 
     lse  = logsumexp(l)                                  online max / sum over blocks of BV columns

@@ -3,7 +3,7 @@
 Legend: B sequences, R logits rows (B, or 2B with guidance: rows 0..B-1 cond, B..2B-1 uncond),
 N image tokens per sequence, V codebook size, BV vocabulary block, BI/BJ position blocks.
 
-Same contract and result as ``fastface.sampling.masked_decode_step_reference`` (the oracle):
+Same contract and result as ``fastface.ops.masked_decode.masked_decode_step_reference`` (the oracle):
 same tokens and mask given the same logits and u. Computed in two launches, with no host sync (the
 whole step can be captured in a CUDA graph):
 

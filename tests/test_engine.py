@@ -10,8 +10,8 @@ from fastface import ops
 from fastface.config import FaceConfig
 from fastface.engine import Engine, Timers
 from fastface.model import FaceTransformer
-from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
 from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
+from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
 from fastface.sampling import generate_answer_ids, generate_image_tokens, step_noise
 
 CFG = FaceConfig.from_name("tiny")

@@ -11,8 +11,8 @@ import torch
 from fastface import library, ops
 from fastface.backends import available, triton_usable
 from fastface.ops.d3diff import d3diff_loss_reference
-from fastface.ops.moe import grouped_moe_reference
 from fastface.ops.masked_decode import masked_decode_step_reference
+from fastface.ops.moe import grouped_moe_reference
 from fastface.testing import assert_close, make_decode_inputs, make_moe_inputs
 
 BACKENDS = [
