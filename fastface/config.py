@@ -25,7 +25,7 @@ PAD_ID, BOS_ID, EOS_ID, T2I_ID, MMU_ID, SOI_ID, EOI_ID, UNK_ID = range(len(SPECI
 GROUP_UNDERSTANDING = 0  # mmu
 GROUP_GENERATION = 1  # t2i
 
-# Sequence-level experts, in router order, per group (DESIGN.md "Grouped sequence-level MoE").
+# Sequence-level experts, in router order, per group (ARCHITECTURE.md; the sequence-level MoE in fastface/model.py).
 SEQ_EXPERTS = {
     GROUP_UNDERSTANDING: ("semantic", "identity", "copy", "copy"),
     GROUP_GENERATION: ("copy", "zero", "noise", "copy"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastface
-from fastface import ops
+from fastface import backends, ops
 from fastface.config import FaceConfig
 from fastface.engine import Engine, Timers
 from fastface.model import FaceTransformer
@@ -158,6 +158,49 @@ def test_threshold_decoding(model, threshold):
     assert not bool(prev_m.any()) and torch.equal(prev_t, tokens)
     if threshold == 0.3:
         assert stats.steps_run < steps, "a low threshold on a sharp model finishes early"
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_threshold_decoding_equals_reference_loop(model, threshold):
+    """Threshold decoding is an option of the op, so the reference loop and the engine draw the same tokens."""
+    ids = prompt_batch(3)
+    kw = dict(steps=8, guidance=2.0, seeds=[5, 6, 7], threshold=threshold)
+    ran = []
+    want = generate_image_tokens(model, ids, backend="reference", callback=lambda *_: ran.append(1), **kw)
+    engine = Engine(model)
+    assert torch.equal(engine.generate_image_tokens(ids, **kw), want)
+    assert engine.last_stats.steps_run == len(ran)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_bfloat16_engine_equals_bfloat16_reference_loop_on_the_same_kernels(backend):
+    """In bf16 the engine runs the model's own blocks, so it matches the reference loop run on the same kernels
+    token for token (the engine once re-implemented the sequence MoE in another operation order and did not)."""
+    if backend == "cpp" and not backends.available("grouped_moe", "cpp"):
+        pytest.skip("fastface._C is not built")
+    m16 = sharp_model(seed=5, dtype=torch.bfloat16)
+    ids = prompt_batch(3)
+    kw = dict(steps=5, guidance=2.0, seeds=[0, 1, 2])
+    m16.set_backend(backend)
+    want = generate_image_tokens(m16, ids, backend=backend, **kw)
+    assert torch.equal(Engine(m16, backend=backend).generate_image_tokens(ids, **kw), want)
+
+
+def test_engine_leaves_the_models_backend_alone(model):
+    model.set_backend("reference")
+    Engine(model, backend="auto").generate_image_tokens(prompt_batch(1), steps=2, seeds=[0])
+    assert all(layer.moe.backend == "reference" for layer in model.layers)
+
+
+def test_decoder_is_the_one_choice_of_loop(model):
+    from fastface.decoding import Decoder
+
+    ids = prompt_batch(2)
+    kw = dict(steps=3, guidance=2.0, seeds=[1, 2])
+    ref, fast = Decoder(model, "reference"), Decoder(model, "auto")
+    assert not ref.uses_engine and ref.engine is None and fast.uses_engine
+    assert torch.equal(ref.image_tokens(ids, **kw), fast.image_tokens(ids, **kw))
+    assert fast.last_stats.steps_run == 3 and ref.last_stats is None
 
 
 def test_threshold_one_keeps_schedule_when_nothing_is_certain(model):
