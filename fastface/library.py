@@ -6,7 +6,7 @@
     loss = library.d3diff_loss(logits, targets, mask_ratio, alpha=0.1)
 
 Registered ops (``torch.ops.fastface.*``), each dispatching to ``fastface.ops`` with the backend passed as a
-string argument (``"auto" | "reference" | "cpp" | "triton"``), so one graph can hold any backend:
+string argument (``"auto" | "reference" | "torch" | "cpp" | "triton"``), so one graph can hold any backend:
 
     fastface::grouped_moe(x, group_ids, router_weight, gate_up_proj, down_proj, shared_gate_up_proj?,
                           shared_down_proj?, *, top_k, normalize_topk, activation, backend) -> (y, router_logits)

@@ -50,9 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastface.ops.moe import ACTIVATIONS  # the op's vocabulary
+
 from .moe_align import Alignment, moe_align
 
-ACTIVATIONS = ("silu", "gelu")
 _INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # as triton.jit reads it
 
 # ---------------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ def d3diff_loss(logits, targets, mask_ratio, *, alpha, reduction="mean", r_max=N
     alpha : float -- weight of the score-entropy term
     reduction : "mean" (scalar) or "none" (per-row CE_i + alpha * SE_i, [M])
     r_max : float or None -- upper clip of r = (1 - m) / m
+    backend : "auto" | "reference" | "cpp" | "triton" (``fastface.backends`` resolves "auto")
 
     Returns a float32 tensor; differentiable with respect to ``logits`` on every backend.
     """

@@ -160,6 +160,7 @@ def masked_decode_step(logits, tokens, masked, u, *, step, steps, guidance=0.0, 
     schedule : "cosine" | "linear"
     threshold : float in (0, 1] or None -- opt-in confidence-threshold decoding: also unmask every masked
         position whose sampled token has probability >= threshold (not the exact schedule; off by default)
+    backend : "auto" | "reference" | "torch" | "cpp" | "triton" (``fastface.backends`` resolves "auto")
 
     Returns
     -------

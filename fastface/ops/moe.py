@@ -186,7 +186,7 @@ def grouped_moe(x, group_ids, router_weight, gate_up_proj, down_proj, *, top_k, 
     normalize_topk : renormalise the kept top-k softmax weights to sum to 1
     return_router_logits : also return the router logits [T, E] float32 (for the load-balancing loss)
     activation : "silu" (SwiGLU experts) or "gelu" (tanh GELU gate)
-    backend : "auto" | "reference" | "cpp" | "triton"
+    backend : "auto" | "reference" | "torch" | "cpp" | "triton" (``fastface.backends`` resolves "auto")
 
     Returns
     -------
