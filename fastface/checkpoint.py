@@ -8,41 +8,26 @@
 
 Loading validates everything before building anything: a missing file, an unreadable or truncated
 safetensors file, a wrong format version, an unknown config field, missing or unexpected tensors, a shape or
-dtype mismatch -- each raises ``CheckpointError`` (a ``ValueError``) naming the file, key or field.
-Files are written to a temporary name and renamed, so an interrupted save never leaves a half-written file
-under the real name.
+dtype mismatch -- each raises ``CheckpointError`` (a ``ValueError``) naming the file, key or field. The tensor
+files are read and written by ``fastface.weights`` (which also stores the config in each file's metadata;
+config.json stays the authority when loading); every file is written to a temporary name and renamed, so an
+interrupted save never leaves a half-written file under the real name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from fastface.config import SPECIAL_TOKENS, FaceConfig
+from fastface.weights import CheckpointError, atomic_write, load_weights, save_weights
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "fastface"
 CONFIG_FIELDS = {"format_version", "model_type", "dtype", "model", "image_tokenizer"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as it is; the message names the culprit."""
-
-
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -57,20 +42,16 @@ def save_checkpoint(path, model, tokenizer, image_tokenizer=None, *, dtype: str 
     tokenizer (an object with ``config.to_dict()`` and ``state_dict()``) to directory ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    state = model.state_dict()
     stored = dtype or dtype_name(next(iter(state.values())).dtype)
-    _atomic_write(path / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(path / "tokenizer.json", lambda p: tokenizer.save(str(p)))
-    vq_config = None
-    if image_tokenizer is not None:
-        vq_state = {k: v.detach().contiguous() for k, v in image_tokenizer.state_dict().items()}
-        _atomic_write(path / "image_tokenizer.safetensors", lambda p: save_file(vq_state, str(p)))
-        vq_config = image_tokenizer.config.to_dict()
+    vq_config = image_tokenizer.config.to_dict() if image_tokenizer is not None else None
     config = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": stored,
               "model": model.config.to_dict(), "image_tokenizer": vq_config}
-    _atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    save_weights(path / "model.safetensors", state, config=config, dtype=DTYPES[stored])
+    atomic_write(path / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    if image_tokenizer is not None:
+        save_weights(path / "image_tokenizer.safetensors", image_tokenizer.state_dict(), config=vq_config)
+    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
@@ -107,37 +88,6 @@ def read_config(path) -> dict:
     return config
 
 
-def read_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, checking it holds exactly ``expected``'s keys with their shapes and ``dtype``."""
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            missing = sorted(set(expected) - keys)
-            unexpected = sorted(keys - set(expected))
-            if missing:
-                raise CheckpointError(f"{file}: missing tensor(s) {', '.join(missing[:5])}"
-                                      f"{' …' if len(missing) > 5 else ''}")
-            if unexpected:
-                raise CheckpointError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                                      f"{' …' if len(unexpected) > 5 else ''}")
-            tensors = {}
-            for key in sorted(keys):
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[key].shape):
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(expected[key].shape)}")
-                if t.dtype != dtype:
-                    raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
-                tensors[key] = t
-    except SafetensorError as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc})") from None
-    return tensors
-
-
 def load_tokenizer(file: Path, config: FaceConfig):
     from tokenizers import Tokenizer
 
@@ -171,20 +121,19 @@ def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
     stored = DTYPES[config.get("dtype", "float32")]
     with torch.device("meta"):
         skeleton = FaceTransformer(cfg)
-    tensors = read_tensors(path / "model.safetensors", skeleton.state_dict(), stored)
+    expected = {k: v.to(stored) if v.is_floating_point() else v for k, v in skeleton.state_dict().items()}
+    tensors = load_weights(path / "model.safetensors", expected)  # stored exactly as config.json says
     tokenizer = load_tokenizer(path / "tokenizer.json", cfg)
     image_tokenizer = None
     if config.get("image_tokenizer") is not None:
-        from fastface.vq import VQModel
+        from fastface.vq.model import VQModel
 
         vq_config = config["image_tokenizer"]
         try:
             image_tokenizer = VQModel.from_config_dict(vq_config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path / 'config.json'}: field 'image_tokenizer': {exc}") from None
-        vq_expected = image_tokenizer.state_dict()
-        vq_dtype = next(iter(vq_expected.values())).dtype
-        image_tokenizer.load_state_dict(read_tensors(path / "image_tokenizer.safetensors", vq_expected, vq_dtype))
+        image_tokenizer.load_state_dict(load_weights(path / "image_tokenizer.safetensors", image_tokenizer))
         image_tokenizer.eval()
     model = FaceTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})

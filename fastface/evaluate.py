@@ -34,7 +34,8 @@ import torch
 from fastface.backends import CHOICES
 from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_positive_int, arg_probability
 from fastface.data.attributes import ATTRIBUTES
-from fastface.perception import IGNORE, accuracy_table, held_out_faces, mean_accuracy
+from fastface.perception import IGNORE
+from fastface.perception.train import accuracy_table, held_out_faces, mean_accuracy
 
 # names ``text.prompt`` understands ("hair" = hair style and colour together); gender is always named
 PROMPT_NAMES = ("age", "expression", "face_shape", "skin_tone", "eye_colour", "eyebrows", "nose", "hair", "glasses",

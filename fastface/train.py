@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ from fastface.checkpoint import load_checkpoint, save_checkpoint
 from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
 from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
+from fastface.lr_schedule import lr_at
 from fastface.model import FaceTransformer
 from fastface.prompts import t2i_prompt_ids, t2i_sequence
 
@@ -219,13 +219,6 @@ def make_optimizer(model, lr: float, weight_decay: float):
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def optimizer_tensors(model, optimizer) -> tuple[dict, dict]:

@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastface.data.faceworld import ATTRIBUTES, make_dataset
-from fastface.perception import (
-    IGNORE,
-    AttributeClassifier,
-    PerceptionConfig,
+from fastface.data.attributes import ATTRIBUTES
+from fastface.data.dataset import make_dataset
+from fastface.perception import IGNORE, AttributeClassifier, PerceptionConfig
+from fastface.perception.train import (
     accuracy_table,
     attribute_loss,
     attribute_losses,

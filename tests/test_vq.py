@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastface.vq import VQConfig, VQModel, psnr, train_vq
+from fastface.vq import VQConfig, VQModel, psnr
+from fastface.vq.train import train_vq
 
 
 def tiny(seed=0, **overrides):
@@ -67,7 +68,7 @@ def test_training_steps_lower_the_loss():
 
 
 def test_train_vq_entry_point(tmp_path):
-    from fastface.data.faceworld import make_dataset
+    from fastface.data.dataset import make_dataset
 
     faces = make_dataset(24, seed=3, captions=False)["images"]
     cfg = VQConfig(channels=(8, 16, 16), codebook_size=32, code_dim=8)
