@@ -3,9 +3,15 @@
 ``backend="reference"`` runs the reference loops of ``fastface.sampling`` (a full forward of the model every
 step, the oracle); every other backend runs ``fastface.engine.Engine``, which returns the same tokens faster.
 The pipeline and the benchmark both decode through a ``Decoder``.
+
+Threads: a ``Decoder`` (and so a ``Pipeline``) may be called from several threads at once. The reference loops keep
+no state between calls; the engine serialises its calls on its own lock (``fastface.engine``). Either way each call
+returns exactly what it returns alone.
 """
 
 from __future__ import annotations
+
+import threading
 
 from fastface import backends
 from fastface.sampling import generate_answer_ids, generate_image_tokens
@@ -24,6 +30,7 @@ class Decoder:
         self.model = model
         self.backend = backends.validate_choice(backend)
         self._engine = None
+        self._engine_lock = threading.Lock()
 
     @property
     def uses_engine(self) -> bool:
@@ -35,7 +42,9 @@ class Decoder:
         if self._engine is None and self.uses_engine:
             from fastface.engine import Engine
 
-            self._engine = Engine(self.model, backend=self.backend)
+            with self._engine_lock:  # two threads asking at once get one engine
+                if self._engine is None:
+                    self._engine = Engine(self.model, backend=self.backend)
         return self._engine
 
     @property

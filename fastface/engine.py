@@ -29,12 +29,20 @@ Understanding (``Engine.generate_answer_ids``), exact with respect to ``fastface
 one prefill over the left-padded prompts, then one token per row per step into the static key/value cache (no
 concatenation), LM head at the last position on the allowed columns only.
 
+Threads: one engine may be called from several threads. Its reusable state (step buffers, the cached empty prompt,
+captured graphs) is shared, so each decoding call holds the engine's lock for its whole run: concurrent calls run
+one after another, each returning exactly what it returns alone. (On a CPU the matmuls already use every core, so
+per-call buffers would buy little; batch requests together for throughput.) ``last_stats`` describes the last call
+to finish.
+
 Precision: the engine runs in the model's dtype (``Pipeline(dtype="bfloat16")`` casts the transformer); the
 sampler always works in float32.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -87,6 +95,17 @@ class _StepBuffers:
     task: torch.Tensor  # [R]
 
 
+def _serialised(method):
+    """Run an engine method under the engine's lock (see "Threads" in the module docstring)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Engine:
     """Fast exact decoding loops over a ``FaceTransformer``.
 
@@ -102,6 +121,7 @@ class Engine:
         self.model = model
         self.config = model.config
         self.backend = backends.validate_choice(backend)
+        self._lock = threading.Lock()  # held by each decoding call: the buffers below are shared across calls
         self.cuda_graphs = cuda_graphs
         self.last_stats = GenerationStats()
         self._uncond_cache: tuple | None = None  # (weights key, _Prefix of the empty prompt)
@@ -180,6 +200,7 @@ class Engine:
                            seq=mixtures, backend=self.backend)
         return self.model.blocks(buf.ids, ctx)[0]
 
+    @_serialised
     @torch.no_grad()
     def generate_image_tokens(
         self,
@@ -322,6 +343,7 @@ class Engine:
         return state
 
     # -------------------------------------------------------------------------------------- understanding
+    @_serialised
     @torch.no_grad()
     def generate_answer_ids(
         self,
