@@ -52,7 +52,8 @@ def test_generate_tokens_from_threads_equals_sequential(backend, n_threads):
 def test_answer_from_threads_equals_sequential():
     pipe = fastface.load()
     images = pipe.generate_tokens(PROMPTS, steps=3, seed=0)
-    questions = ["what colour is her hair?", "is he wearing a hat?", "does he have a beard?", "what colour are the eyes?"]
+    questions = ["what colour is her hair?", "is he wearing a hat?", "does he have a beard?",
+                 "what colour are the eyes?"]
     jobs = list(range(len(PROMPTS)))
 
     def call(i):
