@@ -534,7 +534,7 @@ def main(argv=None):
 
     if not torch.cuda.is_available() and not opts.smoke:
         print("bench_gpu: no CUDA device here -- nothing to time. The Triton kernels are tested on the CPU under "
-              "TRITON_INTERPRET=1 (pytest tests/test_triton_*.py); run this script on a machine with a GPU.")
+              "TRITON_INTERPRET=1 (pytest tests/test_op_*.py -k triton); run this script on a machine with a GPU.")
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

@@ -19,7 +19,7 @@
 //
 // exp: an AVX-512 polynomial (degree-7 Taylor on |x| <= ln2/2 after range reduction, truncation error
 // 5e-9 relative, scalef for 2^n), std::exp otherwise. Loss and gradient land within ~1e-6 relative of the
-// float32 reference (tests/test_cpp_d3diff.py checks 1e-5).
+// float32 reference (tests/test_op_d3diff_loss.py checks 1e-5).
 //
 // Measured (bench/bench_d3diff_cpu.py, M = V = 8192, forward + backward, 2 shared cores): fp32 268 ms vs
 // 1.70 s for the reference under autograd (6.4x), bf16 216 ms vs 2.53 s (11.7x); peak extra memory is the

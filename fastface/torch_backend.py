@@ -29,18 +29,19 @@ from fastface.ops.moe import activate, route
 
 # ------------------------------------------------------------------------------------------- dense MoE
 
-_PACKED: dict = {}  # (id(gate_up_proj), group) -> (weakref, versions, packed matrices)
+_PACKED: dict = {}  # (id(gate_up_proj), group) -> (weakrefs of every weight, their versions, packed matrices)
 _PACKED_MAX = 256
 
 
 def _packed_experts(g: int, gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj):
-    """Group g's experts as W1 [2D, H] (every gate, then every up) and W2 [H, D]; cached per weight tensor while it
-    is alive and unchanged (its in-place version counter)."""
-    versions = tuple(t._version for t in (gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj)
-                     if t is not None)
+    """Group g's experts as W1 [2D, H] (every gate, then every up) and W2 [H, D]; cached while the same weight
+    tensors are alive and unchanged (identity of each, and its in-place version counter)."""
+    weights = (gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj)
+    versions = tuple(None if t is None else t._version for t in weights)
     key = (id(gate_up_proj), g)
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is gate_up_proj and hit[1] == versions:
+    if (hit is not None and hit[1] == versions
+            and all((ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], weights))):
         return hit[2]
     E, F2, H = gate_up_proj.shape[1:]
     Fe = F2 // 2
@@ -56,7 +57,7 @@ def _packed_experts(g: int, gate_up_proj, down_proj, shared_gate_up_proj, shared
     packed = (torch.cat(gates + ups).contiguous(), torch.cat(downs, dim=1).contiguous(), E, Fe)  # W1, W2
     if len(_PACKED) >= _PACKED_MAX:
         _PACKED.clear()
-    _PACKED[key] = (weakref.ref(gate_up_proj), versions, packed)
+    _PACKED[key] = (tuple(None if t is None else weakref.ref(t) for t in weights), versions, packed)
     return packed
 
 

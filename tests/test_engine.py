@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import fastface
-from fastface import backends, ops
+from fastface import backends
 from fastface.config import FaceConfig
 from fastface.engine import Engine, Timers
 from fastface.model import FaceTransformer
-from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
+from fastface.ops.masked_decode import scheduled_mask_len
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
-from fastface.sampling import generate_answer_ids, generate_image_tokens, step_noise
+from fastface.sampling import generate_answer_ids, generate_image_tokens
 
 CFG = FaceConfig.from_name("tiny")
 # odd prompt lengths, including the empty prompt and one longer than max_text_len (truncated)
@@ -111,31 +111,6 @@ def test_answer_with_embeddings_equals_reference(model):
     e_id = torch.randn(3, CFG.id_dim, generator=gen)
     kw = dict(max_new_tokens=6, allowed_vocab=CFG.text_vocab_size, e_sem=e_sem, e_id=e_id)
     assert Engine(model).generate_answer_ids(ids, **kw) == generate_answer_ids(model, ids, **kw)
-
-
-@pytest.mark.parametrize("threshold", [None, 0.2])
-@pytest.mark.parametrize("guidance", [0.0, 2.5])
-@pytest.mark.parametrize("B,N,V,steps", [(1, 1, 5, 1), (3, 16, 33, 4), (2, 129, 7, 8)])
-def test_compact_step_equals_reference_step(guidance, B, N, V, steps, threshold):
-    """The torch backend's sampler works at masked positions only: the reference step, position for position;
-    logits at known positions are never read."""
-    gen = torch.Generator().manual_seed(B * N + V)
-    tokens = torch.zeros(B, N, dtype=torch.long)
-    masked = torch.ones(B, N, dtype=torch.bool)
-    for step in range(steps):
-        R = 2 * B if guidance else B
-        logits = torch.randn(R, N, V, generator=gen) * 3
-        u = step_noise(list(range(B)), step, N)
-        kw = dict(step=step, steps=steps, guidance=guidance, sample_temperature=0.8, confidence_temperature=3.0,
-                  schedule="cosine", threshold=threshold)
-        want = masked_decode_step_reference(logits, tokens, masked, u, **kw)
-        rows = masked.repeat(2, 1) if guidance else masked
-        noisy = logits.clone()
-        noisy[~rows] = torch.randn(int((~rows).sum()), V, generator=gen) * 1e4  # never read
-        got = ops.masked_decode_step(noisy, tokens, masked, u, backend="torch", **kw)
-        assert torch.equal(got[1], want[1])
-        assert torch.equal(got[0][masked], want[0][masked]) and torch.equal(got[0][~masked], tokens[~masked])
-        tokens, masked = got
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.9])

@@ -1,9 +1,12 @@
-"""Reference model: omni-attention masks, grouped MoE routing, sequence-level MoE, KV cache."""
+"""Reference model: omni-attention masks, sequence-level MoE, mixed batches, config.
+
+The token-level grouped MoE op (its reference, routing, the load-balancing loss) is tested in
+tests/test_op_grouped_moe.py.
+"""
 
 import pytest
 import torch
 
-from fastface import ops
 from fastface.config import (
     BOS_ID,
     EOI_ID,
@@ -17,10 +20,8 @@ from fastface.config import (
     FaceConfig,
 )
 from fastface.model import FaceTransformer, omni_attention_mask
-from fastface.loss import load_balancing_loss
-from fastface.ops.moe import grouped_moe_per_token, grouped_moe_reference, route
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids, t2i_sequence
-from fastface.testing import assert_close, make_moe_inputs
+from fastface.testing import assert_close
 
 CFG = FaceConfig.from_name("tiny")
 
@@ -107,75 +108,6 @@ def test_text_prefix_independent_of_image_tokens():
     P = CFG.max_text_len  # <soi> opens the bidirectional image segment, so the prefix ends before it
     assert_close(o1.hidden[:, :P], o2.hidden[:, :P], atol=1e-6, rtol=1e-6, name="prompt hidden states")
     assert not torch.allclose(o1.hidden[:, P:], o2.hidden[:, P:])
-
-
-# ----------------------------------------------------------------------------------------- token MoE
-
-@pytest.mark.parametrize("T,H,F,E,K,S", [(1, 8, 6, 4, 1, 0), (7, 24, 20, 4, 2, 1), (33, 17, 11, 5, 3, 2),
-                                         (50, 16, 16, 4, 4, 1)])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_reference_moe_equals_per_token_loop(T, H, F, E, K, S, normalize):
-    args = make_moe_inputs(T, H, F, E=E, S=S, seed=T * 7 + E)
-    got = grouped_moe_reference(**args, top_k=K, normalize_topk=normalize)
-    want = grouped_moe_per_token(**args, top_k=K, normalize_topk=normalize)
-    assert_close(got, want, atol=1e-5, rtol=1e-5, name="grouped_moe_reference")
-
-
-def test_moe_group_routing_on_mixed_batch():
-    """Each token is routed by its own group's router and uses its own group's experts."""
-    args = make_moe_inputs(40, 16, 12, E=4, S=1, seed=3)
-    gids = args["group_ids"]
-    assert (gids == 0).any() and (gids == 1).any()
-    y, logits = grouped_moe_reference(**args, top_k=2, return_router_logits=True)
-    for g in (0, 1):
-        rows = gids == g
-        assert_close(logits[rows], args["x"][rows] @ args["router_weight"][g].t(), atol=1e-5, rtol=1e-5,
-                     name=f"router logits of group {g}")
-    # zeroing the other group's experts does not change this group's outputs
-    for g in (0, 1):
-        other = dict(args)
-        for k in ("gate_up_proj", "down_proj", "shared_gate_up_proj", "shared_down_proj"):
-            w = args[k].clone()
-            w[1 - g] = 0
-            other[k] = w
-        y2 = grouped_moe_reference(**other, top_k=2)
-        rows = gids == g
-        assert torch.equal(y2[rows], y[rows])
-        assert not torch.allclose(y2[~rows], y[~rows])
-
-
-def test_topk_selection_and_weights():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    w, e = route(logits, 2, True)
-    assert e.tolist() == [[1, 3]]
-    p = torch.softmax(logits, -1)[0]
-    assert_close(w[0], torch.stack([p[1], p[3]]) / (p[1] + p[3]), atol=1e-6, rtol=1e-6)
-    w, _ = route(logits, 2, False)
-    assert_close(w[0], torch.stack([p[1], p[3]]), atol=1e-6, rtol=1e-6)
-
-
-def test_ops_reference_backend_matches_and_validates():
-    args = make_moe_inputs(5, 8, 6)
-    assert torch.equal(ops.grouped_moe(**args, top_k=2, backend="reference"), grouped_moe_reference(**args, top_k=2))
-    with pytest.raises(ValueError, match="top_k"):
-        ops.grouped_moe(**args, top_k=5, backend="reference")
-    bad = dict(args, group_ids=torch.tensor([0, 1, 2, 0, 1]))
-    with pytest.raises(ValueError, match="group_ids"):
-        ops.grouped_moe(**bad, top_k=2, backend="reference")
-    with pytest.raises(TypeError, match="x"):
-        ops.grouped_moe(**dict(args, x=args["x"].double()), top_k=2)
-    with pytest.raises(ValueError, match="down_proj"):
-        ops.grouped_moe(**dict(args, down_proj=args["down_proj"][..., :-1]), top_k=2)
-    with pytest.raises(ValueError, match="backend"):
-        ops.grouped_moe(**args, top_k=2, backend="cuda")
-
-
-def test_load_balancing_loss_is_one_when_balanced():
-    logits = torch.zeros(8, 4)  # uniform probs; top-2 of ties picks experts 0,1 -> f = [.5,.5,0,0], P = .25
-    loss = load_balancing_loss(logits, torch.zeros(8, dtype=torch.long), 2, 2)
-    assert_close(loss, torch.tensor(1.0), atol=1e-6, rtol=0)
-    skewed = torch.tensor([[5.0, 0, 0, 0]]).repeat(8, 1)
-    assert load_balancing_loss(skewed, torch.zeros(8, dtype=torch.long), 2, 1) > 1.5
 
 
 # ----------------------------------------------------------------------------------------- sequence MoE

@@ -41,11 +41,12 @@ def activate(gate: torch.Tensor, activation: str) -> torch.Tensor:
 def route(logits: torch.Tensor, top_k: int, normalize_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over E router logits [T, E], keep the top k. Returns (weights [T, K] float32, experts [T, K] int64).
 
-    Ties in the scores are broken towards the lower expert index (torch.topk on CPU and CUDA agree on this
-    for the float32 scores used here only up to ties; kernels use the same rule explicitly).
+    Exact ties in the scores go to the lower expert index, the rule every kernel implements.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1, sorted=True)
+    # a stable descending sort, not torch.topk: topk does not order exact ties, the stable sort keeps the lower index
+    weights, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = weights[:, :top_k], experts[:, :top_k]
     if normalize_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
