@@ -40,8 +40,8 @@ def _packed_experts(g: int, gate_up_proj, down_proj, shared_gate_up_proj, shared
     versions = tuple(None if t is None else t._version for t in weights)
     key = (id(gate_up_proj), g)
     hit = _PACKED.get(key)
-    if (hit is not None and hit[1] == versions
-            and all((ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], weights))):
+    if hit is not None and hit[1] == versions and all(
+            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], weights)):
         return hit[2]
     E, F2, H = gate_up_proj.shape[1:]
     Fe = F2 // 2
