@@ -24,7 +24,10 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
 
 
 class Pipeline:
-    """A loaded model with its text and image tokenizers."""
+    """A loaded model with its text and image tokenizers.
+
+    Safe to share across threads: every call returns exactly what it returns alone (``fastface.decoding``).
+    """
 
     def __init__(self, model, tokenizer, image_tokenizer=None, *, backend: str = "auto"):
         self.model = model.eval()
@@ -60,7 +63,7 @@ class Pipeline:
         ``seed`` is an int (prompt b uses seed + b) or one seed per prompt; a prompt's tokens depend only on
         its own seed, never on the rest of the batch. ``backend="reference"`` runs the reference loop (a full
         forward every step); every other backend runs the engine, which returns the same tokens.
-        ``threshold`` (opt-in, engine only) also accepts every masked token whose sampled probability reaches
+        ``threshold`` (opt-in, every backend) also accepts every masked token whose sampled probability reaches
         it, so decoding may finish in fewer steps. ``callback(step, tokens, masked)`` runs after each step.
         """
         prompts = check_strings("prompts", prompts)
