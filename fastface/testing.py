@@ -70,3 +70,32 @@ def make_decode_inputs(B, N, V, *, guidance=0.0, masked_fraction=0.7, dtype=torc
     masked = (torch.rand(B, N, generator=gen) < masked_fraction).to(device)
     u = torch.rand(2, B, N, generator=gen).clamp(1e-6, 1 - 1e-6).to(device)
     return logits, tokens, masked, u
+
+
+# ------------------------------------------------------------------------------------ backend rows
+
+
+def backend_marks(device_type: str = "cpu") -> dict:
+    """backend name -> pytest marks that skip it where it cannot run (cpp unbuilt; triton without CUDA or
+    TRITON_INTERPRET=1). The reference and torch backends always run."""
+    import pytest
+
+    from fastface import backends
+
+    try:
+        from fastface import _cpp  # noqa: F401
+        cpp_missing = None
+    except ImportError:
+        cpp_missing = "fastface._C is not built (python setup.py build_ext --inplace)"
+    triton_missing = None if backends.triton_usable(device_type) else "Triton not usable here (needs CUDA or " \
+        "TRITON_INTERPRET=1)"
+    return {"reference": [], "torch": [],
+            "cpp": [pytest.mark.skipif(cpp_missing is not None, reason=cpp_missing or "")],
+            "triton": [pytest.mark.skipif(triton_missing is not None, reason=triton_missing or "")]}
+
+
+def backend_rows(*names: str, marks: dict):
+    """One pytest param per backend name, id = the name, with that backend's skip marks."""
+    import pytest
+
+    return [pytest.param(name, marks=marks[name], id=name) for name in names]

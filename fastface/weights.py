@@ -102,6 +102,15 @@ def save_weights(file, state_dict: Mapping[str, torch.Tensor], *, config: dict |
     return atomic_write(file, lambda p: save_file(state, str(p), metadata=metadata))
 
 
+def save_module(file, module: torch.nn.Module, config: dict) -> Path:
+    """A small saved model: its weights in ``file`` (config in the metadata) and the config beside it as
+    ``<stem>.json``, each written atomically. Returns ``file``."""
+    file = Path(file)
+    save_weights(file, module.state_dict(), config=config)
+    write_json(file.with_suffix(".json"), config)
+    return file
+
+
 def read_metadata(file) -> dict[str, str]:
     """The safetensors metadata of ``file`` (empty when it has none)."""
     file = Path(file)

@@ -28,7 +28,7 @@ import torch
 
 from fastface import backends, ops
 from fastface.ops.d3diff import d3diff_loss_reference, d3diff_terms
-from fastface.testing import assert_close
+from fastface.testing import assert_close, backend_marks, backend_rows
 
 try:
     from fastface import _C, _cpp
@@ -39,13 +39,12 @@ TRITON = backends.triton_usable("cpu")
 if TRITON:
     from fastface.kernels import d3diff as triton_d3diff
 
-needs_cpp = pytest.mark.skipif(_cpp is None, reason="fastface._C is not built (python setup.py build_ext --inplace)")
-needs_triton = pytest.mark.skipif(not TRITON, reason="Triton not usable here (set TRITON_INTERPRET=1)")
-MARKS = {"reference": [], "cpp": [needs_cpp], "triton": [needs_triton]}
+MARKS = backend_marks("cpu")
+needs_cpp, needs_triton = MARKS["cpp"][0], MARKS["triton"][0]
 
 
 def rows(*names):
-    return [pytest.param(name, marks=MARKS[name], id=name) for name in names]
+    return backend_rows(*names, marks=MARKS)
 
 
 ALL = rows("reference", "cpp", "triton")

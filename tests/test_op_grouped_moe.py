@@ -30,7 +30,7 @@ import torch
 from fastface import backends, ops
 from fastface.loss import load_balancing_loss
 from fastface.ops.moe import expert_ffn, grouped_moe_per_token, grouped_moe_reference, route
-from fastface.testing import TOLERANCES, assert_close, make_moe_inputs
+from fastface.testing import TOLERANCES, assert_close, backend_marks, backend_rows, make_moe_inputs
 from fastface.torch_backend import grouped_moe_dense
 
 try:
@@ -45,13 +45,12 @@ if TRITON:
     from fastface.kernels import grouped_moe as gm
     from fastface.kernels.moe_align import max_blocks, moe_align, moe_align_reference
 
-needs_cpp = pytest.mark.skipif(_cpp is None, reason="fastface._C is not built")
-needs_triton = pytest.mark.skipif(not TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-MARKS = {"reference": [], "torch": [], "cpp": [needs_cpp], "triton": [needs_triton]}
+MARKS = backend_marks(DEVICE)
+needs_cpp, needs_triton = MARKS["cpp"][0], MARKS["triton"][0]
 
 
 def rows(*names):
-    return [pytest.param(name, marks=MARKS[name], id=name) for name in names]
+    return backend_rows(*names, marks=MARKS)
 
 
 ALL = rows("reference", "torch", "cpp", "triton")

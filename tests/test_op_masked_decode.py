@@ -29,7 +29,7 @@ import torch
 from fastface import backends, ops
 from fastface.ops.masked_decode import masked_decode_step_reference, scheduled_mask_len
 from fastface.sampling import step_noise
-from fastface.testing import make_decode_inputs
+from fastface.testing import backend_marks, backend_rows, make_decode_inputs
 from fastface.torch_backend import masked_decode_step_compact
 
 try:
@@ -41,13 +41,12 @@ TRITON = backends.triton_usable("cpu")
 if TRITON:
     from fastface.kernels.masked_decode import masked_decode_step as triton_masked_decode_step
 
-needs_cpp = pytest.mark.skipif(_cpp is None, reason="fastface._C is not built (python setup.py build_ext --inplace)")
-needs_triton = pytest.mark.skipif(not TRITON, reason="Triton not usable here (set TRITON_INTERPRET=1)")
-MARKS = {"reference": [], "torch": [], "cpp": [needs_cpp], "triton": [needs_triton]}
+MARKS = backend_marks("cpu")
+needs_cpp, needs_triton = MARKS["cpp"][0], MARKS["triton"][0]
 
 
 def rows(*names):
-    return [pytest.param(name, marks=MARKS[name], id=name) for name in names]
+    return backend_rows(*names, marks=MARKS)
 
 
 ALL = rows("reference", "torch", "cpp", "triton")

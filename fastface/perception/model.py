@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastface.data.attributes import ATTRIBUTES
-from fastface.weights import CheckpointError, load_weights, save_weights, stored_config, write_json
+from fastface.weights import CheckpointError, load_weights, save_module, stored_config
 
 DEFAULT_PATH = Path(__file__).parents[1] / "assets" / "face-s" / "perception.safetensors"
 IGNORE = -100  # label value that is not scored
@@ -146,11 +146,7 @@ class AttributeClassifier(nn.Module):
     def save(self, path) -> Path:
         """Write the weights to ``path`` (.safetensors, config JSON in its metadata) and the config beside it
         (``<stem>.json``), each atomically (``fastface.weights``)."""
-        path = Path(path)
-        config = self.config.to_dict()
-        save_weights(path, self.state_dict(), config=config)
-        write_json(path.with_suffix(".json"), config)
-        return path
+        return save_module(path, self, self.config.to_dict())
 
     @classmethod
     def load(cls, path=None) -> AttributeClassifier:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.weights import CheckpointError, load_weights, save_weights, stored_config, write_json
+from fastface.weights import CheckpointError, load_weights, save_module, stored_config
 
 
 @dataclass
@@ -231,11 +231,7 @@ class VQModel(nn.Module):
     def save(self, path) -> Path:
         """Write the weights to ``path`` (.safetensors, config in its metadata) and the config beside it
         (``<stem>.json``), each atomically (``fastface.weights``)."""
-        path = Path(path)
-        config = self.config.to_dict()
-        save_weights(path, self.state_dict(), config=config)
-        write_json(path.with_suffix(".json"), config)
-        return path
+        return save_module(path, self, self.config.to_dict())
 
     @classmethod
     def load(cls, path) -> VQModel:
