@@ -7,8 +7,10 @@
     image_tokenizer.safetensors  VQ image tokenizer weights (when the config names one)
 
 Loading validates everything before building anything: a missing file, an unreadable or truncated
-safetensors file, a wrong format version, an unknown config field, missing or unexpected tensors, a shape or
-dtype mismatch -- each raises ``CheckpointError`` (a ``ValueError``) naming the file, key or field. The tensor
+safetensors file, a wrong format version, an unknown config field, a config value of the wrong type, out of its
+bound (``MAX_*`` in ``fastface.config`` and ``fastface.vq.model``) or not finite, a model whose estimated memory
+(``load_bytes``) exceeds what the machine has available, missing or unexpected tensors, a shape or dtype mismatch,
+a NaN or inf weight -- each raises ``CheckpointError`` (a ``ValueError``) naming the file, key or field. The tensor
 files are read and written by ``fastface.weights`` (which also stores the config in each file's metadata;
 config.json stays the authority when loading); every file is written to a temporary name and renamed, so an
 interrupted save never leaves a half-written file under the real name.
@@ -22,7 +24,15 @@ from pathlib import Path
 import torch
 
 from fastface.config import SPECIAL_TOKENS, FaceConfig
-from fastface.weights import CheckpointError, atomic_write, load_weights, save_weights
+from fastface.weights import (
+    CheckpointError,
+    atomic_write,
+    check_memory,
+    load_module,
+    load_weights,
+    module_nbytes,
+    save_weights,
+)
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "fastface"
@@ -64,7 +74,8 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{file}: missing config.json")
     try:
         config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: an int
+        # past Python's digit limit; RecursionError: nesting deeper than the parser's stack
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
@@ -79,8 +90,10 @@ def read_config(path) -> dict:
                               f"(this fastface reads version {FORMAT_VERSION})")
     if config["model_type"] != MODEL_TYPE:
         raise CheckpointError(f"{file}: model_type {config['model_type']!r} is not {MODEL_TYPE!r}")
-    if config.get("dtype", "float32") not in DTYPES:
-        raise CheckpointError(f"{file}: dtype {config['dtype']!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(config.get("dtype", "float32"), str) or config.get("dtype", "float32") not in DTYPES:
+        raise CheckpointError(f"{file}: dtype {config['dtype']!r:.60} is not one of {sorted(DTYPES)}")
+    if not isinstance(config["model"], dict):
+        raise CheckpointError(f"{file}: field 'model' must be a JSON object, got {type(config['model']).__name__}")
     try:
         config["model"] = FaceConfig.from_dict(config["model"])
     except (TypeError, ValueError) as exc:
@@ -108,6 +121,16 @@ def load_tokenizer(file: Path, config: FaceConfig):
     return tokenizer
 
 
+def load_bytes(num_parameters: int, stored: torch.dtype, dtype: torch.dtype) -> int:
+    """Peak bytes of memory ``load_checkpoint`` takes for a transformer of ``num_parameters``: the tensors read from
+    the file (at the ``stored`` dtype) stay alive while the model is built in float32; on top of both, float32
+    copies of the tensors (when stored in 16 bits) or the final cast to ``dtype`` (when not float32)."""
+    itemsize = torch.empty((), dtype=stored).element_size()
+    copies = 4 if stored != torch.float32 else 0
+    cast = torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else 0
+    return num_parameters * (itemsize + 4 + max(copies, cast))
+
+
 def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
     """Load and validate a checkpoint directory -> (model, tokenizer, image_tokenizer or None, config dict).
 
@@ -119,27 +142,33 @@ def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
     config = read_config(path)
     cfg: FaceConfig = config["model"]
     stored = DTYPES[config.get("dtype", "float32")]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    vq_config = None
+    if config.get("image_tokenizer") is not None:
+        from fastface.vq.model import VQConfig, VQModel
+
+        try:
+            vq_config = VQConfig.from_dict(config["image_tokenizer"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path / 'config.json'}: field 'image_tokenizer': {exc}") from None
+    # the memory estimate, before anything is allocated (the image tokenizer's size from a meta skeleton)
+    need = load_bytes(cfg.num_parameters(), stored, dtype or torch.float32)
+    if vq_config is not None:
+        with torch.device("meta"):
+            need += 2 * module_nbytes(VQModel(vq_config))
+    check_memory(need, str(path))
     with torch.device("meta"):
         skeleton = FaceTransformer(cfg)
     expected = {k: v.to(stored) if v.is_floating_point() else v for k, v in skeleton.state_dict().items()}
     tensors = load_weights(path / "model.safetensors", expected)  # stored exactly as config.json says
     tokenizer = load_tokenizer(path / "tokenizer.json", cfg)
     image_tokenizer = None
-    if config.get("image_tokenizer") is not None:
-        from fastface.vq.model import VQModel
-
-        vq_config = config["image_tokenizer"]
-        try:
-            image_tokenizer = VQModel.from_config_dict(vq_config)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path / 'config.json'}: field 'image_tokenizer': {exc}") from None
-        image_tokenizer.load_state_dict(load_weights(path / "image_tokenizer.safetensors", image_tokenizer))
-        image_tokenizer.eval()
+    if vq_config is not None:
+        image_tokenizer = load_module(path / "image_tokenizer.safetensors", lambda: VQModel(vq_config)).eval()
     model = FaceTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
     model = model.to(dtype or torch.float32).eval()
     return model, tokenizer, image_tokenizer, config

@@ -131,13 +131,77 @@ def arg_probability(text: str) -> float:
 # ----------------------------------------------------------------------------------- decoding options
 
 
+# Bounds that keep every run finite and its arithmetic finite, the same for every backend:
+MAX_STEPS = 1024  # Show-o samples in 16-50 steps; past N image tokens extra steps do nothing (each unmasks >= 1),
+#                   and step_noise's per-(seed, step) generator seeds stay distinct below its stride of 1,000,003
+MAX_NEW_TOKENS = 4096  # answer tokens per request (the key/value cache is allocated for all of them up front)
+MAX_GUIDANCE = 1e3  # |w|: (1 + w) * cond - w * uncond stays finite for any finite float32 logits below ~1e35
+MIN_TEMPERATURE = 1e-4  # logits / temperature stays finite for logits below ~1e34 (1e-45 overflowed to inf)
+MAX_TEMPERATURE = 1e4
+
+
+def check_bounded(name: str, value, lo: float, hi: float) -> float:
+    """A finite number in [lo, hi]."""
+    check_float(name, value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}], got {value!r}")
+    return value
+
+
 def check_decoding(*, steps, guidance, sample_temperature, confidence_temperature, schedule, threshold=None,
                    schedules=("cosine", "linear")) -> None:
     """The options of a masked-decoding run, checked once before any work (the reference loop and the engine)."""
-    check_int("steps", steps, 1)
-    check_float("guidance", guidance)
-    check_float("sample_temperature", sample_temperature, positive=True)
-    check_float("confidence_temperature", confidence_temperature, lo=0)
+    check_int("steps", steps, 1, MAX_STEPS)
+    check_bounded("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
+    check_bounded("sample_temperature", sample_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+    check_bounded("confidence_temperature", confidence_temperature, 0, MAX_TEMPERATURE)
     check_choice("schedule", schedule, schedules)
     if threshold is not None:
         check_probability("threshold", threshold)
+
+
+# ------------------------------------------------------------------------------------ saved-model configs
+# A config read from a file is data: a wrong type is a bad value, so every failure below is a ``ValueError``
+# naming the field and the value (shortened), raised before anything is allocated.
+
+
+def _shown(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (Python's digit limit)
+        return f"<{type(value).__name__} too long to print>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_config_int(field: str, value, lo: int, hi: int) -> int:
+    """Config field ``field``: an int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"config field {field!r} must be an int in [{lo}, {hi}], got {_shown(value)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"config field {field!r}={_shown(value)} out of range [{lo}, {hi}]")
+    return value
+
+
+def check_config_ints(field: str, values, lo: int, hi: int, *, min_len: int = 1, max_len: int) -> tuple[int, ...]:
+    """Config field ``field``: a list or tuple of ``min_len`` to ``max_len`` ints, each in [lo, hi] -> a tuple."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"config field {field!r} must be a list of ints, got {_shown(values)}")
+    if not min_len <= len(values) <= max_len:
+        raise ValueError(f"config field {field!r} must hold {min_len} to {max_len} values, got {len(values)}")
+    for i, v in enumerate(values):
+        check_config_int(f"{field}[{i}]", v, lo, hi)
+    return tuple(values)
+
+
+def check_config_float(field: str, value, *, lo: float | None = None, hi: float | None = None,
+                       positive: bool = False) -> float:
+    """Config field ``field``: a finite number (int or float, not a bool), > 0 when ``positive``, in [lo, hi]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"config field {field!r} must be a number, got {_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite(int) can overflow: ints are finite)
+        raise ValueError(f"config field {field!r} must be a finite number, got {_shown(value)}")
+    if (positive and value <= 0) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        low = "(0" if positive else f"[{lo if lo is not None else '-inf'}"
+        raise ValueError(f"config field {field!r}={_shown(value)} out of range {low}, "
+                         f"{hi if hi is not None else 'inf'}]")
+    return value

@@ -18,6 +18,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from fastface.checks import check_config_float, check_config_int
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<t2i>", "<mmu>", "<soi>", "<eoi>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, T2I_ID, MMU_ID, SOI_ID, EOI_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
@@ -30,6 +32,22 @@ SEQ_EXPERTS = {
     GROUP_UNDERSTANDING: ("semantic", "identity", "copy", "copy"),
     GROUP_GENERATION: ("copy", "zero", "noise", "copy"),
 }
+
+
+# Bounds of a config, checked before anything is allocated (a crafted config.json must fail fast, not build
+# ten million layers). Generous: real models sit well inside (Show-o 1.3B: hidden 2048, 24 layers, 32 heads,
+# vocabulary 58498, MLP 8192; Llama-3 405B: hidden 16384, 126 layers, 128 heads, MLP 53248; DeepSeek-V3: 256
+# routed experts; Gemma: 256k text tokens; MAGVIT-v2: 2**18 codes). Whether a config in bounds fits this machine
+# is the memory estimate's question (fastface.checkpoint), not theirs.
+MAX_LAYERS = 512
+MAX_HIDDEN = 65536  # hidden_size, sem_dim, id_dim
+MAX_HEADS = 1024
+MAX_VOCAB = 2**20  # text_vocab_size and codebook_size, each
+MAX_FFN = 2**18  # expert_ffn_size, shared_ffn_size
+MAX_EXPERTS = 1024  # routed and shared experts per group
+MAX_LENGTH = 65536  # max_text_len, max_answer_len (tokens)
+MAX_IMAGE_GRID = 256  # tokens per image side: at most 65536 image tokens
+MAX_IMAGE_SIZE = 16384  # pixels per side
 
 
 @dataclass
@@ -82,11 +100,20 @@ class FaceConfig:
     vocab_size: int = field(init=False, repr=False)
 
     def __post_init__(self):
-        for name in ("text_vocab_size", "codebook_size", "hidden_size", "num_layers", "num_heads", "image_grid",
-                     "num_experts", "top_k", "expert_ffn_size", "max_text_len", "num_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config field {name!r} must be a positive int, got {value!r}")
+        self.validate()
+        self.head_dim = self.hidden_size // self.num_heads
+        self.image_tokens = self.image_grid**2
+        self.mask_token_id = self.text_vocab_size + self.codebook_size
+        self.vocab_size = self.mask_token_id + 1
+
+    def validate(self) -> None:
+        """Check every field against its type and bound (``MAX_*`` above) before anything is allocated; a
+        ``ValueError`` naming the field and the value. A config read from a file is data: a wrong type is a bad
+        value too."""
+        if not isinstance(self.name, str):
+            raise ValueError(f"config field 'name' must be a string, got {type(self.name).__name__}")
+        for name, lo, hi in _INT_FIELDS:
+            check_config_int(name, getattr(self, name), lo, hi)
         if self.text_vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"text_vocab_size={self.text_vocab_size} must exceed the {len(SPECIAL_TOKENS)} specials")
         if self.hidden_size % self.num_heads:
@@ -99,12 +126,19 @@ class FaceConfig:
             raise ValueError(f"num_groups={self.num_groups}: the model has 2 groups (understanding, generation)")
         if self.seq_num_experts != 4 or self.seq_top_k != 2:
             raise ValueError("the sequence-level MoE has 4 experts per group with top-2 routing")
-        if self.num_shared_experts < 0 or (self.num_shared_experts and self.shared_ffn_size <= 0):
+        if self.num_shared_experts and self.shared_ffn_size <= 0:
             raise ValueError("num_shared_experts must be >= 0 with a positive shared_ffn_size")
-        self.head_dim = self.hidden_size // self.num_heads
-        self.image_tokens = self.image_grid**2
-        self.mask_token_id = self.text_vocab_size + self.codebook_size
-        self.vocab_size = self.mask_token_id + 1
+        if not isinstance(self.normalize_topk, bool):
+            raise ValueError(f"config field 'normalize_topk' must be true or false, got "
+                             f"{type(self.normalize_topk).__name__}")
+        check_config_float("rope_theta", self.rope_theta, positive=True)
+        check_config_float("layer_norm_eps", self.layer_norm_eps, positive=True)
+        check_config_float("router_aux_loss_coef", self.router_aux_loss_coef, lo=0)
+        check_config_float("seq_noise_std", self.seq_noise_std, lo=0)
+        check_config_float("d3diff_alpha", self.d3diff_alpha, lo=0)
+        if self.d3diff_r_max is not None:
+            check_config_float("d3diff_r_max", self.d3diff_r_max, positive=True)
+        check_config_float("cond_dropout", self.cond_dropout, lo=0, hi=1)
 
     @property
     def image_token_offset(self) -> int:
@@ -131,6 +165,8 @@ class FaceConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> FaceConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"model config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -143,6 +179,16 @@ class FaceConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
 
+
+# (field, lo, hi) of every int field; the cross-field rules are in FaceConfig.validate
+_INT_FIELDS = (
+    ("text_vocab_size", 1, MAX_VOCAB), ("codebook_size", 1, MAX_VOCAB), ("hidden_size", 1, MAX_HIDDEN),
+    ("num_layers", 1, MAX_LAYERS), ("num_heads", 1, MAX_HEADS), ("max_text_len", 1, MAX_LENGTH),
+    ("max_answer_len", 1, MAX_LENGTH), ("image_size", 1, MAX_IMAGE_SIZE), ("image_grid", 1, MAX_IMAGE_GRID),
+    ("num_groups", 1, 2), ("num_experts", 1, MAX_EXPERTS), ("num_shared_experts", 0, MAX_EXPERTS),
+    ("top_k", 1, MAX_EXPERTS), ("expert_ffn_size", 1, MAX_FFN), ("shared_ffn_size", 0, MAX_FFN),
+    ("seq_num_experts", 1, 4), ("seq_top_k", 1, 4), ("sem_dim", 1, MAX_HIDDEN), ("id_dim", 1, MAX_HIDDEN),
+)
 
 PRESETS: dict[str, dict] = {
     # unit tests: a full forward takes milliseconds

@@ -15,7 +15,17 @@ import torch
 
 from fastface import backends
 from fastface.checkpoint import DTYPES, load_checkpoint
-from fastface.checks import DTYPE_NAMES, check_choice, check_int, check_probability, check_strings
+from fastface.checks import (
+    DTYPE_NAMES,
+    MAX_NEW_TOKENS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    check_bounded,
+    check_choice,
+    check_int,
+    check_probability,
+    check_strings,
+)
 from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
@@ -80,10 +90,17 @@ class Pipeline:
         return self.decode_images(tokens)
 
     def decode_images(self, tokens: torch.Tensor):
+        """Codebook ids [B, N] -> B PIL images (an empty batch gives an empty list)."""
         from PIL import Image
 
         if self.image_tokenizer is None:
             raise RuntimeError("this checkpoint has no image tokenizer; use generate_tokens()")
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be a LongTensor [B, {self.config.image_tokens}] of codebook ids, "
+                            f"got {type(tokens).__name__} {getattr(tokens, 'dtype', '')}")
+        tokens = self.encode_images(tokens)  # checks the shape and the id range
+        if tokens.shape[0] == 0:
+            return []
         with torch.no_grad():
             pixels = self.image_tokenizer.decode(tokens)  # uint8 [B, 64, 64, 3]
         return [Image.fromarray(np.asarray(p)) for p in pixels]
@@ -123,7 +140,8 @@ class Pipeline:
         if image_ids.shape[0] != len(questions):
             raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
         max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
-        check_int("max_new_tokens", max_new, 1)
+        check_int("max_new_tokens", max_new, 1, MAX_NEW_TOKENS)
+        check_bounded("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
         if top_p is not None:
             check_probability("top_p", top_p)
         ids = mmu_prompt_ids(image_ids, [self.encode_text(q) for q in questions], self.config)

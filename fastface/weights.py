@@ -8,9 +8,15 @@
 unexpected tensors, shapes and dtypes. Dtype policy: with ``dtype=None`` every tensor must have the expected
 tensor's dtype; with a requested floating ``dtype`` a floating tensor may be stored in any floating dtype and is
 returned cast to ``dtype``, while an integer or bool tensor must still match exactly (a floating tensor where an
-integer one is expected, or the reverse, is always an error). Every failure -- a missing file, a file that is not
-safetensors or is truncated, a config that is not JSON, a key, shape or dtype mismatch -- raises
-``CheckpointError`` (a ``ValueError``) whose message names the file and the offending key, shape or dtype.
+integer one is expected, or the reverse, is always an error). Every floating tensor must be finite: a NaN or inf
+weight is an error at load (it would otherwise turn every output into token 0 without a word). Every failure -- a
+missing file, a file that is not safetensors or is truncated, a config that is not JSON, a key, shape or dtype
+mismatch, a non-finite value -- raises ``CheckpointError`` (a ``ValueError``) whose message names the file and the
+offending key, shape or dtype.
+
+``check_memory(nbytes, what)`` compares a loader's estimate of its peak memory with the machine's available memory
+(``MemAvailable`` in /proc/meminfo; skipped where that is unknown) before the loader allocates a model;
+``load_module`` loads a small saved model that way (meta-device skeleton, memory check, file check, then the model).
 
 ``atomic_write`` writes to a temporary file in the destination's directory, fsyncs it and renames it into place, so
 a reader sees the old file or the new one, never half of one; a failed write leaves the old file intact and no
@@ -161,7 +167,8 @@ def load_weights(file, expected: Mapping[str, torch.Tensor] | torch.nn.Module, *
 
     The file must hold exactly ``expected``'s keys, each with its shape. Dtypes follow the module's policy: with
     ``dtype=None`` each tensor has the expected dtype; with a floating ``dtype`` floating tensors may be stored in
-    any floating dtype and come back as ``dtype``, integer and bool tensors must match. Raises ``CheckpointError``.
+    any floating dtype and come back as ``dtype``, integer and bool tensors must match. Floating tensors must be
+    finite (checked after the cast, so an overflow to inf is caught too). Raises ``CheckpointError``.
     """
     file = Path(file)
     if isinstance(expected, torch.nn.Module):
@@ -185,12 +192,63 @@ def load_weights(file, expected: Mapping[str, torch.Tensor] | torch.nn.Module, *
                 if tuple(t.shape) != tuple(want.shape):
                     raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
                                           f"expected {tuple(want.shape)}")
-                tensors[key] = _check_dtype(file, key, t, want.dtype, dtype)
+                tensors[key] = _check_finite(file, key, _check_dtype(file, key, t, want.dtype, dtype))
     except SafetensorError as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read ({exc})") from None
     return tensors
+
+
+def _check_finite(file: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() and t.numel():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise CheckpointError(f"{file}: tensor {key!r} has {int(bad.sum())} non-finite value(s) of {t.numel()} "
+                                  f"(first at index {first}: {float(t[first])})")
+    return t
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of /proc/meminfo); None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Raise ``CheckpointError`` if ``nbytes`` (a loader's estimate of its peak, taken before it allocates) exceeds
+    the machine's available memory; a no-op where that is unknown."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise CheckpointError(f"{what}: loading needs about {nbytes / 2**30:.2f} GiB ({nbytes} bytes) of memory, "
+                              f"only {available / 2**30:.2f} GiB is available (MemAvailable in /proc/meminfo)")
+
+
+def module_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (persistent or not); works on a meta-device skeleton."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_module(file, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Load a small saved model without allocating it before its file is checked: ``build()`` runs once on the meta
+    device (a skeleton: the expected tensors and the size), the memory estimate (the module plus the tensors read
+    from the file) is checked, the file is read and checked against the skeleton, and only then ``build()`` runs
+    for real and takes the tensors. Raises ``CheckpointError``."""
+    with torch.device("meta"):
+        skeleton = build()
+    check_memory(2 * module_nbytes(skeleton), str(file))
+    tensors = load_weights(file, skeleton)
+    module = build()
+    module.load_state_dict(tensors)
+    return module
 
 
 def _check_dtype(file: Path, key: str, t: torch.Tensor, want: torch.dtype, requested: torch.dtype | None):

@@ -137,6 +137,17 @@ def check_masked_decode_args(logits, tokens, masked, u, step, steps, guidance, s
         check_probability("threshold", threshold)
     if u.numel() and not bool(((u > 0) & (u < 1)).all()):
         raise ValueError("u must lie strictly inside (0, 1)")
+    # non-finite logits would sample token 0 silently: NaN / +inf anywhere is an error, and so is a still-masked
+    # position where every token has probability 0 (all -inf; -inf for single tokens is how a caller bans them)
+    bad = torch.isnan(logits) | (logits == math.inf)
+    if bool(bad.any()):
+        r, n, _ = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"logits hold NaN or +inf (first at row {r}, position {n}): no token can be sampled")
+    if V and N:
+        dead = (logits.amax(dim=-1) == -math.inf) & (masked.repeat(2, 1) if guidance != 0 else masked)  # [R, N]
+        if bool(dead.any()):
+            r, n = (int(i) for i in torch.nonzero(dead)[0])
+            raise ValueError(f"logits of row {r} at still-masked position {n} are all -inf: no token can be sampled")
     known = tokens[~masked]
     if known.numel() and (int(known.min()) < 0 or int(known.max()) >= V):
         raise ValueError(f"tokens at known positions must lie in [0, {V}), got values in "

@@ -145,6 +145,8 @@ def check_grouped_moe_args(x, group_ids, router_weight, gate_up_proj, down_proj,
     if gate_up_proj.shape[:2] != (G, E) or gate_up_proj.shape[3] != H or gate_up_proj.shape[2] % 2:
         raise ValueError(f"gate_up_proj must have shape ({G}, {E}, 2F, {H}), got {tuple(gate_up_proj.shape)}")
     F = gate_up_proj.shape[2] // 2
+    if H < 1 or F < 1 or E < 1 or G < 1:
+        raise ValueError(f"grouped_moe needs H, F, E, G >= 1, got H={H}, F={F}, E={E}, G={G}")
     check_shape("down_proj", down_proj, (G, E, H, F))
     for name, w in (("router_weight", router_weight), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if w.dtype != x.dtype:

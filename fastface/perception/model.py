@@ -37,11 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface.checks import check_config_float, check_config_int, check_config_ints
+from fastface.config import MAX_HIDDEN, MAX_IMAGE_SIZE
 from fastface.data.attributes import ATTRIBUTES
-from fastface.weights import CheckpointError, load_weights, save_module, stored_config
+from fastface.weights import CheckpointError, load_module, save_module, stored_config
 
 DEFAULT_PATH = Path(__file__).parents[1] / "assets" / "face-s" / "perception.safetensors"
 IGNORE = -100  # label value that is not scored
+
+# Bounds of a PerceptionConfig beside fastface.config's (MAX_HIDDEN for the feature widths, MAX_IMAGE_SIZE),
+# checked before any allocation; generous (face-s: 4 levels of 32..128 channels, 12 attributes of <= 10 values).
+MAX_CHANNELS = 4096  # per level
+MAX_LEVELS = 8
+MAX_UNSHUFFLE = 16  # pixels per side folded into channels by the stem
+MAX_ATTRIBUTES = 1024
+MAX_VALUES = 65536  # values of one attribute
 
 
 @dataclass
@@ -61,24 +71,25 @@ class PerceptionConfig:
     num_values: tuple[int, ...] = tuple(len(v) for v in ATTRIBUTES.values())
 
     def __post_init__(self):
-        self.channels = tuple(int(c) for c in self.channels)
+        # every field checked against its bound before anything is allocated; a ValueError naming the field
+        self.channels = check_config_ints("channels", self.channels, 1, MAX_CHANNELS, min_len=2, max_len=MAX_LEVELS)
+        for name, hi in (("image_size", MAX_IMAGE_SIZE), ("unshuffle", MAX_UNSHUFFLE), ("sem_dim", MAX_HIDDEN),
+                         ("id_dim", MAX_HIDDEN), ("id_hidden", MAX_HIDDEN)):
+            check_config_int(name, getattr(self, name), 1, hi)
+        if not isinstance(self.attributes, (list, tuple)) or not all(isinstance(a, str) for a in self.attributes):
+            raise ValueError(f"PerceptionConfig.attributes must be a list of names, got {self.attributes!r:.60}")
         self.attributes = tuple(self.attributes)
-        self.num_values = tuple(int(n) for n in self.num_values)
-        for name in ("image_size", "unshuffle", "sem_dim", "id_dim", "id_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"PerceptionConfig.{name} must be a positive int, got {value!r}")
-        if len(self.channels) < 2 or min(self.channels) <= 0:
-            raise ValueError(f"PerceptionConfig.channels needs >= 2 positive widths, got {self.channels}")
+        self.num_values = check_config_ints("num_values", self.num_values, 2, MAX_VALUES,
+                                            max_len=MAX_ATTRIBUTES)
         if self.image_size % self.downsample:
             raise ValueError(f"image_size={self.image_size} is not divisible by the downsampling {self.downsample}")
-        if len(self.attributes) != len(self.num_values) or min(self.num_values, default=0) < 2:
+        if len(self.attributes) != len(self.num_values):
             raise ValueError("PerceptionConfig.attributes and num_values must pair up, >= 2 values each")
         if self.feature_activation not in ("none", "relu"):
             raise ValueError(f"PerceptionConfig.feature_activation must be 'none' or 'relu', "
-                             f"got {self.feature_activation!r}")
-        if self.id_temperature <= 0:
-            raise ValueError(f"PerceptionConfig.id_temperature must be > 0, got {self.id_temperature}")
+                             f"got {self.feature_activation!r:.60}")
+        check_config_float("id_temperature", self.id_temperature, positive=True)
+        check_config_float("id_weight", self.id_weight, lo=0)
 
     @property
     def downsample(self) -> int:
@@ -164,11 +175,10 @@ class AttributeClassifier(nn.Module):
             raise CheckpointError(f"{path}: no perception config in the file's metadata nor in "
                                   f"{path.with_suffix('.json')}")
         try:
-            model = cls(PerceptionConfig.from_dict(config))
+            cfg = PerceptionConfig.from_dict(config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: config: {exc}") from None
-        model.load_state_dict(load_weights(path, model))
-        return model.eval()
+        return load_module(path, lambda: cls(cfg)).eval()  # checked on a meta skeleton before it is built
 
     # ------------------------------------------------------------------------------------ tensors
     def check_images(self, images) -> torch.Tensor:

@@ -29,7 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.weights import CheckpointError, load_weights, save_module, stored_config
+from fastface.checks import check_config_float, check_config_int, check_config_ints
+from fastface.config import MAX_IMAGE_SIZE, MAX_VOCAB
+from fastface.weights import CheckpointError, load_module, save_module, stored_config
+
+# Bounds of a VQConfig beside fastface.config's (MAX_IMAGE_SIZE, MAX_VOCAB for the codebook), checked before any
+# allocation. Generous: the SD / VQGAN autoencoders use 128..512 channels, 2 ResBlocks and 5 levels; MAGVIT-v2 has
+# 2**18 codes; code widths run 4..256.
+MAX_CHANNELS = 4096  # per level
+MAX_LEVELS = 8  # resolution levels (downsampling 2**7)
+MAX_BLOCKS = 16  # ResBlocks per level
+MAX_CODE_DIM = 4096
 
 
 @dataclass
@@ -49,29 +59,27 @@ class VQConfig:
     grid: int = field(init=False)
 
     def __post_init__(self):
-        self.channels = tuple(int(c) for c in self.channels)
-        for name in ("image_size", "codebook_size", "code_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VQConfig.{name} must be a positive int, got {value!r}")
-        if not self.channels or min(self.channels) <= 0:
-            raise ValueError(f"VQConfig.channels must be positive, got {self.channels}")
-        self.enc_blocks = tuple(int(c) for c in self.enc_blocks)
-        self.dec_blocks = tuple(int(c) for c in self.dec_blocks)
-        if len(self.channels) < 2:
-            raise ValueError(f"VQConfig.channels needs at least 2 levels, got {self.channels}")
+        # every field checked against its bound before anything is allocated (a crafted file must not ask for
+        # 129.6 GB of convolutions); a ValueError naming the field and the value
+        self.channels = check_config_ints("channels", self.channels, 1, MAX_CHANNELS, min_len=2, max_len=MAX_LEVELS)
+        for name, hi in (("image_size", MAX_IMAGE_SIZE), ("codebook_size", MAX_VOCAB), ("code_dim", MAX_CODE_DIM)):
+            check_config_int(name, getattr(self, name), 1, hi)
         for name in ("enc_blocks", "dec_blocks"):
             blocks = getattr(self, name)
-            if len(blocks) != len(self.channels) or min(blocks) < 0:
+            if not isinstance(blocks, (list, tuple)) or len(blocks) != len(self.channels):
                 raise ValueError(f"VQConfig.{name} must hold one count >= 0 per level ({len(self.channels)}), "
-                                 f"got {blocks}")
+                                 f"got {blocks!r:.60}")
+            setattr(self, name, check_config_ints(name, blocks, 0, MAX_BLOCKS, max_len=MAX_LEVELS))
         if self.dec_blocks[0]:
             raise ValueError("VQConfig.dec_blocks[0] must be 0: the decoder ends with a 2x pixel shuffle")
         factor = 2 ** (len(self.channels) - 1)
         if self.image_size % factor:
             raise ValueError(f"image_size={self.image_size} is not divisible by the downsampling factor {factor}")
+        check_config_float("ema_decay", self.ema_decay)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"VQConfig.ema_decay must lie in (0, 1), got {self.ema_decay}")
+        check_config_float("commitment", self.commitment, lo=0)
+        check_config_float("restart_threshold", self.restart_threshold, lo=0)
         self.grid = self.image_size // factor
 
     @property
@@ -86,6 +94,8 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VQConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"image tokenizer config must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -247,10 +257,10 @@ class VQModel(nn.Module):
         if config is None:
             raise CheckpointError(f"{path}: no VQ config in the file's metadata nor in {path.with_suffix('.json')}")
         try:
-            model = cls.from_config_dict(config)
+            vq_config = VQConfig.from_dict(config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: config: {exc}") from None
-        model.load_state_dict(load_weights(path, model))
+        model = load_module(path, lambda: cls(vq_config))  # checked on a meta skeleton before it is built
         model.quantizer.reset_ema()
         return model.eval()
 
