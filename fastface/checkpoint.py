@@ -104,6 +104,8 @@ def read_config(path) -> dict:
 def load_tokenizer(file: Path, config: FaceConfig):
     from tokenizers import Tokenizer
 
+    from fastface.tokenizer import text_only
+
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     try:
@@ -118,7 +120,7 @@ def load_tokenizer(file: Path, config: FaceConfig):
         if tokenizer.token_to_id(token) != i:
             raise CheckpointError(f"{file}: special token {token!r} must have id {i}, "
                                   f"got {tokenizer.token_to_id(token)}")
-    return tokenizer
+    return text_only(tokenizer)
 
 
 def load_bytes(num_parameters: int, stored: torch.dtype, dtype: torch.dtype) -> int:

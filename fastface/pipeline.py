@@ -29,6 +29,7 @@ from fastface.checks import (
 from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
+from fastface.tokenizer import encode_text, text_only
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
 
@@ -42,7 +43,7 @@ class Pipeline:
     def __init__(self, model, tokenizer, image_tokenizer=None, *, backend: str = "auto"):
         self.model = model.eval()
         self.config = model.config
-        self.tokenizer = tokenizer
+        self.tokenizer = text_only(tokenizer)  # special-token text in a prompt is text, never a control token
         self.image_tokenizer = image_tokenizer
         self.backend = backends.validate_choice(backend)
         self.model.set_backend(self.backend)
@@ -59,7 +60,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ text
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return encode_text(self.tokenizer, text)
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i >= len(SPECIAL_TOKENS)])

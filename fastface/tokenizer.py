@@ -8,6 +8,11 @@
 Text is lower-cased, split on whitespace and then on every punctuation mark (a hyphen between letters stays
 inside its word: "middle-aged" is one token), matching ``fastface.data.text.split_words``. Decoding joins
 words with spaces and re-attaches punctuation.
+
+Text never produces a special token: ``"<eos>"`` inside a question is the characters ``<``, ``eos``, ``>`` (each
+``<unk>``), not the end of the question. Control tokens are placed by the sequence builders
+(``fastface.prompts``), as ids. Every tokenizer this module builds or loads is set that way
+(``text_only``), and so is a ``Pipeline``'s.
 """
 
 from __future__ import annotations
@@ -57,6 +62,15 @@ def build_text_tokenizer(words, vocab_size: int | None = None) -> Tokenizer:
     # WordPiece's decoder joins with spaces and removes the space before , . ? ! (no word starts with "##")
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return text_only(tok)
+
+
+def text_only(tok: Tokenizer) -> Tokenizer:
+    """Set ``tok`` to read special-token text as plain text (``encode_special_tokens``) and return it. The
+    setting is not stored in tokenizer.json, so every loader applies it."""
+    if not isinstance(tok, Tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tok).__name__}")
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -74,11 +88,12 @@ def load_text_tokenizer(path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer file")
-    return Tokenizer.from_file(str(path))
+    return text_only(Tokenizer.from_file(str(path)))
 
 
 def encode_text(tok: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` (no special tokens added); unknown words become ``<unk>``."""
+    """Token ids of ``text`` (no special tokens added, none read from the text); unknown words become
+    ``<unk>``."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     return tok.encode(text, add_special_tokens=False).ids
@@ -89,4 +104,5 @@ def decode_text(tok: Tokenizer, ids) -> str:
     return tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-__all__ = ["build_text_tokenizer", "default_text_tokenizer", "load_text_tokenizer", "encode_text", "decode_text"]
+__all__ = ["build_text_tokenizer", "default_text_tokenizer", "load_text_tokenizer", "text_only", "encode_text",
+           "decode_text"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastface.config import FaceConfig
+from fastface.tokenizer import encode_text
 
 DEFAULT_IMAGE_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "face-s"
 QA_PER_EXAMPLE = 3  # question-answer turns per understanding example (more supervised tokens per image)
@@ -72,7 +73,7 @@ class FaceWorldData:
                    image_tokenizer, qa_per_example, float(caption_rate))
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return encode_text(self.tokenizer, text)
 
     def t2i_example(self, index: int, gen: torch.Generator):
         from fastface.data.text import caption
