@@ -5,8 +5,11 @@
     fastface bench --batch 1 4 16 --json bench.json --plot bench.png
     fastface train --preset face-s --out runs/face-s
 
-Bad arguments end with a one-line error on stderr and exit status 2, never a traceback
-(``FASTFACE_DEBUG=1`` re-raises, for bug reports).
+Bad arguments, unreadable inputs and unwritable outputs end with a one-line error on stderr and exit status 2,
+never a traceback (``FASTFACE_DEBUG=1`` re-raises, for bug reports). Every output file (images, grid, ``--tokens``)
+is written to a temporary file in its directory and renamed into place (``weights.atomic_write``): a reader, or a
+second process writing the same path, sees a whole old file or a whole new one. Input pictures are read by
+``fastface.images.open_image``, the conversion ``Pipeline.encode_images`` applies to PIL images.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 from fastface.backends import CHOICES
 from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_nonnegative_int, arg_positive_int, arg_probability
+from fastface.config import MAX_IMAGE_GRID
+from fastface.images import MAX_SIDE
 from fastface.ops.masked_decode import SCHEDULES
 
 
@@ -46,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw one face per prompt (times --num-images) and save PNG files.")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="text description of a face")
     g.add_argument("-o", "--output", default="face.png",
-                   help="output PNG path; with several images, -1, -2, … are appended (default: face.png)")
+                   help="output image path (PNG unless its extension names another format Pillow writes, e.g. "
+                   ".jpg; no extension means .png); with several images, -1, -2, … are appended to the name; an "
+                   "existing directory DIR means DIR/face.png (DIR/face-1.png, … for several); each file is "
+                   "written to a temporary file beside it and renamed into place (default: face.png)")
     g.add_argument("--num-images", type=arg_positive_int, default=1, help="images per prompt (default: 1)")
     g.add_argument("--steps", type=arg_positive_int, default=16, help="parallel decoding steps (default: 16)")
     g.add_argument("--guidance", type=arg_finite_float, default=2.0,
@@ -58,14 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=arg_probability, default=None,
                    help="also accept every token sampled with at least this probability, so decoding can finish "
                    "in fewer steps (default: off, the exact schedule)")
-    g.add_argument("--grid", action="store_true", help="also save all images as one grid (<output>-grid.png)")
+    g.add_argument("--grid", action="store_true",
+                   help="also save all images as one grid (<output>-grid, with the output's extension)")
     g.add_argument("--tokens", default=None, metavar="PATH",
-                   help="also save the codebook ids as a .npy array [images, tokens] (readable by 'answer')")
+                   help="also save the codebook ids as a .npy array [images, tokens] int64 (readable by 'answer'); "
+                   ".npy is appended when PATH does not end with it, an existing directory DIR means "
+                   "DIR/tokens.npy; written atomically like the images")
     _add_model_options(g)
 
     a = sub.add_parser("answer", help="answer a question about a face image",
                        description="Answer a question about a face picture.")
-    a.add_argument("image", help="face picture (PNG/JPEG), or a .npy of codebook ids saved by 'generate --tokens'")
+    a.add_argument("image", help=f"face picture (any file Pillow reads, at most {MAX_SIDE}x{MAX_SIDE} pixels: "
+                   "16-bit gray is scaled to 8 bits, transparency is composited over white, palette/CMYK/gray become "
+                   "RGB), or a .npy of codebook ids [N] or [images, N] saved by 'generate --tokens' (its first row "
+                   "is used)")
     a.add_argument("question", help="question, e.g. 'what colour are her eyes?'")
     a.add_argument("--max-new-tokens", type=arg_positive_int, default=None,
                    help="answer length limit in tokens (default: the model's max_answer_len)")
@@ -123,73 +139,147 @@ def _progress(total, desc, quiet):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, delay=1.0, disable=quiet, leave=False)
 
 
-def cmd_generate(args):
+def _output_path(arg: str, default_name: str, what: str) -> Path:
+    """The file an output option names: ``DIR/default_name`` for an existing directory, else the path itself (whose
+    directory must exist)."""
+    path = Path(arg)
+    if path.is_dir():
+        path = path / default_name
+    elif arg.endswith(("/", os.sep)):
+        raise CLIError(f"{what} directory {arg!r} does not exist")
+    folder = path.parent
+    if not folder.exists():
+        raise CLIError(f"{what} directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise CLIError(f"{what} directory {str(folder)!r} is not a directory")
+    return path
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Create and remove a file beside ``path``: an unwritable destination fails before the generation, not after."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe-")
+    except OSError as exc:
+        raise CLIError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _image_format(path: Path) -> str:
+    """The Pillow format that writes ``path``'s extension (the temporary name's extension says nothing)."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise CLIError(f"cannot write images with extension {path.suffix!r} ({str(path)!r}); use .png")
+    return fmt
+
+
+def _write(path: Path, write, what: str) -> None:
+    """``write(tmp)`` then rename onto ``path`` (``atomic_write``); an OSError becomes a one-line CLIError."""
+    from fastface.weights import atomic_write
+
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise CLIError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+    print(path)
+
+
+def _save_ids(path: Path, ids) -> None:
     import numpy as np
 
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, ids, allow_pickle=False)
+
+    _write(path, write, "codebook ids")
+
+
+def cmd_generate(args):
     from fastface.grid import image_grid, output_paths
 
-    out = Path(args.output)
-    if not out.parent.exists():
-        raise CLIError(f"output directory {str(out.parent)!r} does not exist")
-    if args.tokens and not Path(args.tokens).parent.exists():
-        raise CLIError(f"directory of --tokens {str(Path(args.tokens).parent)!r} does not exist")
+    out = _output_path(args.output, "face.png", "output")
+    if out.suffix == "":
+        out = out.with_suffix(".png")
+    fmt = _image_format(out)
+    tokens_path = None
+    if args.tokens:
+        tokens_path = _output_path(args.tokens, "tokens.npy", "--tokens")
+        if tokens_path.suffix != ".npy":
+            tokens_path = tokens_path.with_name(tokens_path.name + ".npy")
     pipe = _load(args)
-    if pipe.image_tokenizer is None and not args.tokens:
+    if pipe.image_tokenizer is None and tokens_path is None:
         raise CLIError("this checkpoint has no image tokenizer, so it cannot write images; pass --tokens PATH to "
                        "save the codebook ids instead")
+    if tokens_path is not None:
+        _check_writable(tokens_path, "codebook ids")
+    if pipe.image_tokenizer is not None:
+        _check_writable(out, "image")
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     with _progress(args.steps, f"generating {len(prompts)} image(s)", args.quiet) as bar:
         tokens = pipe.generate_tokens(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                       schedule=args.schedule, threshold=args.threshold,
                                       callback=lambda step, t, m: bar.update(1))
-    if args.tokens:
-        np.save(args.tokens, tokens.numpy().astype(np.int64), allow_pickle=False)
-        print(args.tokens)
+    if tokens_path is not None:
+        _save_ids(tokens_path, tokens.numpy().astype("int64"))
     if pipe.image_tokenizer is None:
         return
     images = pipe.decode_images(tokens)
-    paths = output_paths(out, len(images))
-    for img, path in zip(images, paths):
-        img.save(path)
-        print(path)
+    for img, path in zip(images, output_paths(out, len(images))):
+        _write(path, lambda tmp, img=img: img.save(tmp, format=fmt), "image")
     if args.grid:
-        grid_path = out.with_name(f"{out.stem}-grid{out.suffix or '.png'}")
-        image_grid(images).save(grid_path)
-        print(grid_path)
+        grid = image_grid(images)
+        _write(out.with_name(f"{out.stem}-grid{out.suffix}"), lambda tmp: grid.save(tmp, format=fmt), "grid")
 
 
-def _read_image(path: Path):
-    """A PIL image, or codebook ids [1, N] from a .npy file."""
-    if path.suffix.lower() == ".npy":
-        import numpy as np
-        import torch
+def _read_tokens(path: Path):
+    """Codebook ids [1, N] int64 from a .npy file of ids [N] or [images, N] (its first row).
 
-        try:
-            ids = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise CLIError(f"cannot read codebook ids from {str(path)!r}: {exc}") from None
-        if ids.dtype.kind not in "iu":
-            raise CLIError(f"{str(path)!r} must hold integer codebook ids, got {ids.dtype}")
-        ids = torch.from_numpy(ids.astype(np.int64))
-        return ids[None] if ids.dim() == 1 else ids[:1]
-    from PIL import Image, UnidentifiedImageError
+    The file is memory-mapped, so only its header and first row are read, whatever size it claims.
+    """
+    import numpy as np
+    import torch
 
+    where = f"codebook ids file {str(path)!r}"
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CLIError(f"cannot read image {str(path)!r}: {exc}") from None
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CLIError(f"cannot read {where}: {exc}") from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive under a .npy name
+        ids.close()
+        raise CLIError(f"{where} holds an archive of arrays; expected one .npy array [N] or [images, N]")
+    if ids.dtype.kind not in "iu":
+        raise CLIError(f"{where} must hold integer codebook ids, got {ids.dtype}")
+    if ids.ndim not in (1, 2) or ids.size == 0:
+        raise CLIError(f"{where} must hold codebook ids of shape [N] or [images, N], got shape {ids.shape}")
+    if ids.shape[-1] > MAX_IMAGE_GRID**2:
+        raise CLIError(f"{where} holds {ids.shape[-1]} ids per image; at most {MAX_IMAGE_GRID**2} are possible")
+    first = np.array(ids if ids.ndim == 1 else ids[0], dtype=np.int64)  # [N], copied out of the map
+    del ids
+    return torch.from_numpy(first)[None]  # [1, N]
 
 
 def cmd_answer(args):
+    from PIL import Image
+
+    from fastface.images import open_image
+
     path = Path(args.image)
     if not path.is_file():
         raise CLIError(f"image file {str(path)!r} does not exist")
-    image = _read_image(path)
+    if path.suffix.lower() == ".npy":
+        images = _read_tokens(path)
+    else:
+        with warnings.catch_warnings():  # a header past Pillow's MAX_IMAGE_PIXELS: an error, not a warning line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            images = [open_image(path)]
     if not args.question.strip():
         raise CLIError("the question is empty")
     pipe = _load(args)
-    images = image if not hasattr(image, "convert") else [image]
+    if not isinstance(images, list) and images.shape[1] != pipe.config.image_tokens:
+        raise CLIError(f"codebook ids file {str(path)!r} holds {images.shape[1]} ids per image; this model's "
+                       f"images have {pipe.config.image_tokens}")
     print(pipe.answer(images, [args.question], max_new_tokens=args.max_new_tokens)[0])
 
 
@@ -214,7 +304,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         status = COMMANDS[args.command](args)
-    except (CLIError, ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, TypeError, RuntimeError, OSError) as exc:
         if os.environ.get("FASTFACE_DEBUG") == "1":
             raise
         print(f"fastface {args.command}: error: {exc}", file=sys.stderr)

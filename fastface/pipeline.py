@@ -28,6 +28,7 @@ from fastface.checks import (
 )
 from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
+from fastface.images import to_rgb
 from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
 from fastface.tokenizer import encode_text, text_only
 
@@ -123,8 +124,8 @@ class Pipeline:
         size = self.config.image_size
         arrays = []
         for i, img in enumerate(images):
-            if hasattr(img, "convert"):  # PIL
-                img = np.asarray(img.convert("RGB").resize((size, size)))
+            if hasattr(img, "convert"):  # PIL: any mode, by fastface.images' rules (16-bit, alpha, palette, ...)
+                img = np.asarray(to_rgb(img).resize((size, size)))
             img = np.asarray(img)
             if img.shape != (size, size, 3) or img.dtype != np.uint8:
                 raise ValueError(f"images[{i}] must be a PIL image or uint8 array [{size}, {size}, 3], "

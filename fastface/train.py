@@ -11,7 +11,11 @@ resumed from a checkpoint continues exactly as the uninterrupted run.
 
 Checkpoints: ``<out>/step-XXXXXXX/`` holds a loadable model checkpoint (fastface.checkpoint) plus
 ``optimizer.safetensors`` and ``trainer.json``; directories are written under a temporary name and renamed,
-and ``<out>/latest`` names the newest complete one. No pickle anywhere.
+and ``<out>/latest`` names the newest complete one. No pickle anywhere. A kill at any moment leaves every
+renamed step folder complete: ``latest`` is updated after the rename and old folders are pruned after that, a
+failed write removes its own temporary folder, a resume takes the newest complete step folder (saying so when
+``latest`` is missing, damaged or behind), pruning never touches a folder newer than the one just written, and a
+fresh start (``resume=False``) refuses a directory that holds checkpoints unless told to delete them first.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,13 +34,15 @@ import torch
 import torch.distributed as dist
 
 from fastface import ops
-from fastface.checkpoint import load_checkpoint, save_checkpoint
+from fastface.checkpoint import load_checkpoint, read_config, save_checkpoint
+from fastface.checks import arg_finite_float, arg_positive_int, check_bounded, check_int
 from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
 from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
 from fastface.lr_schedule import lr_at
 from fastface.model import FaceTransformer
 from fastface.prompts import t2i_prompt_ids, t2i_sequence
+from fastface.weights import CheckpointError, atomic_write
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -248,35 +255,173 @@ def load_optimizer_tensors(model, optimizer, tensors: dict, scalars: dict):
         }
 
 
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (checkpoints in the way, none complete, a failed write)."""
+
+
+STEP_DIR = re.compile(r"step-(\d+)")
+TEMPORARY = re.compile(r"\.(?:step-\d+|latest)\.tmp-(\d+)(?:-[0-9a-f]+)?")  # written by save_train_state
+
+
+def step_dirs(out: Path) -> list[tuple[int, Path]]:
+    """The ``step-N`` folders of ``out`` as (N, path), oldest first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := STEP_DIR.fullmatch(p.name))
+             and p.is_dir() and not p.is_symlink()]
+    return sorted(found)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete training checkpoint, or None when it is (its files exist, its JSON parses)."""
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"trainer.json: {exc}"
+    step = STEP_DIR.fullmatch(path.name)
+    if not isinstance(meta, dict) or not isinstance(meta.get("adam_steps"), dict) or \
+            step is None or meta.get("step") != int(step.group(1)):
+        return "trainer.json: not this folder's trainer state"
+    try:
+        config = read_config(path)
+    except CheckpointError as exc:
+        return str(exc)
+    files = ["model.safetensors", "tokenizer.json", "optimizer.safetensors"]
+    if config["image_tokenizer"] is not None:
+        files.append("image_tokenizer.safetensors")
+    missing = [name for name in files if not (path / name).is_file()]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporaries (``.step-N.tmp-PID``, ``.latest.tmp-PID``) left in ``out`` by writers that no longer
+    run, or by this process; returns them. A live writer's are left alone."""
+    removed = []
+    for path in out.iterdir():
+        m = TEMPORARY.fullmatch(path.name)
+        if m is None or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
+
+
+def prepare_run_dir(out: Path, *, resume: bool = True, overwrite: bool = False) -> None:
+    """Make ``out`` ready for a run: create it and remove stale temporaries. ``overwrite`` then deletes its
+    checkpoints (the step folders and ``latest``); otherwise a fresh start (``resume=False``) in a directory that
+    holds checkpoints raises ``RunDirError``, since the new run's checkpoints would mix with the old ones."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    folders = [path for _, path in step_dirs(out)]
+    pointer = out / "latest"
+    if overwrite:
+        if pointer.is_file() or pointer.is_symlink():
+            pointer.unlink()
+        for path in folders:
+            shutil.rmtree(path)
+    elif not resume and (folders or pointer.exists()):
+        names = ", ".join(p.name for p in folders[-3:]) or "latest"
+        raise RunDirError(f"{out} already holds checkpoints ({names}); resume them (without --no-resume) or "
+                          "delete them and start again (--overwrite)")
+
+
 def save_train_state(out: Path, step: int, model, tokenizer, optimizer, meta: dict, image_tokenizer=None, keep=2):
-    """Write ``out/step-XXXXXXX`` atomically (temp directory + rename), update ``out/latest``, prune old ones."""
+    """Write ``out/step-XXXXXXX`` atomically (temp directory + rename), then point ``out/latest`` at it, then prune.
+
+    A failed write (e.g. ``OSError`` on a full disk) removes its temporary folder and re-raises, leaving ``latest``
+    and the earlier checkpoints as they were. Pruning keeps ``keep`` checkpoints up to ``step`` (this one and the
+    newest older ones); a folder newer than ``step`` is never touched.
+    """
     from safetensors.torch import save_file
 
     final = out / f"step-{step:07d}"
-    tmp = out / f".step-{step:07d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_checkpoint(tmp, model, tokenizer, image_tokenizer)
-    tensors, scalars = optimizer_tensors(model, optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step, "adam_steps": scalars}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = out / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, out / "latest")
-    for old in sorted(out.glob("step-*"))[:-keep]:
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_checkpoint(tmp, model, tokenizer, image_tokenizer)
+        tensors, scalars = optimizer_tensors(model, optimizer)
+        atomic_write(tmp / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+        text = json.dumps({**meta, "step": step, "adam_steps": scalars}, indent=1)
+        atomic_write(tmp / "trainer.json", lambda p: p.write_text(text))
+        if final.exists():  # a damaged folder of the same step (never the one a run resumed from: that is older)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write(out / "latest", lambda p: p.write_text(final.name + "\n"))
+    older = [path for n, path in step_dirs(out) if n < step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old)
     return final
 
 
-def latest_state(out: Path) -> Path | None:
+def _read_latest(out: Path, folders: dict[str, str | None]) -> tuple[str | None, str | None]:
+    """(the step folder ``out/latest`` names, why it cannot be used or None); ``folders`` maps each step folder
+    to its ``checkpoint_problem``."""
     pointer = out / "latest"
-    if not pointer.is_file():
-        return None
-    path = out / pointer.read_text().strip()
-    return path if (path / "trainer.json").is_file() else None
+    if not pointer.exists() and not pointer.is_symlink():
+        return None, "is missing"
+    try:
+        text = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"is unreadable ({exc})"
+    if not text:
+        return None, "is empty"
+    if not STEP_DIR.fullmatch(text):
+        return None, f"names {text[:60]!r}, which is not a step folder of {out}"
+    if text not in folders:
+        return text, f"names {text}, which does not exist"
+    if folders[text] is not None:
+        return text, f"names {text}, which is incomplete ({folders[text]})"
+    return text, None
+
+
+def latest_state(out: Path, note=None) -> Path | None:
+    """The checkpoint a run in ``out`` resumes from: its newest complete step folder, None when ``out`` holds no
+    checkpoint at all.
+
+    That is the folder ``out/latest`` names, unless ``latest`` is missing, unreadable, names anything but a step
+    folder of ``out``, names an incomplete one, or lags behind a newer complete one (a run stopped between the
+    rename and the update); then ``note`` (a callable, when given) gets one line saying which folder is used and
+    why. Raises ``RunDirError`` when ``out`` holds a ``latest`` or step folders but no complete checkpoint.
+    """
+    out = Path(out)
+    folders = {path.name: checkpoint_problem(path) for _, path in step_dirs(out)}
+    complete = [name for name, problem in folders.items() if problem is None]
+    pointer = out / "latest"
+    name, why = _read_latest(out, folders)
+    if not complete:
+        if not folders and not (pointer.exists() or pointer.is_symlink()):
+            return None
+        broken = "; ".join(f"{n}: {p}" for n, p in folders.items())
+        if why == "is missing":
+            raise RunDirError(f"{out} holds no complete checkpoint ({broken}); "
+                              "start again with --overwrite")
+        raise RunDirError(f"{pointer} {why} and {out} holds no complete checkpoint{f' ({broken})' if broken else ''}"
+                          "; start again with --overwrite")
+    newest = complete[-1]
+    if note is not None and name != newest:
+        if why is None:
+            note(f"{pointer} names {name}, but {newest} is newer and complete: resuming from {out / newest}")
+        else:
+            note(f"{pointer} {why}: resuming from the newest complete checkpoint, {out / newest}")
+    return out / newest
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -298,19 +443,43 @@ class TrainSettings:
     loss_backend: str = "auto"
     max_seconds: float | None = None  # wall-time budget: stop (and checkpoint) once exceeded
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            check_int(name, getattr(self, name), 1)
+        check_bounded("mmu_fraction", self.mmu_fraction, 0, 1)
+
 
 def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = None, *, image_tokenizer=None,
-          resume: bool = True, progress: bool = True, stop_after: int | None = None, log=None) -> list[dict]:
+          resume: bool = True, overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
+          log=None) -> list[dict]:
     """Train ``model`` in place. Returns the per-step statistics of this run (global loss values).
 
-    ``stop_after`` ends the run after that many optimiser steps in this call (to simulate an interruption).
+    With ``out``, the run resumes from the newest complete checkpoint there (``latest_state``) unless ``resume``
+    is False, which refuses a directory holding checkpoints (``RunDirError``) unless ``overwrite`` (delete them
+    first; implies a fresh start). A checkpoint that cannot be written raises ``RunDirError``, the earlier ones
+    intact. ``stop_after`` ends the run after that many optimiser steps in this call (to simulate an interruption).
     """
     config = model.config
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
-    start = 0
-    if out is not None and resume and (state := latest_state(out)) is not None:
+
+    def note(line):
+        print(f"fastface train: {line}", file=sys.stderr)
+        if log:
+            log(json.dumps({"event": "note", "message": line}))
+
+    start, state = 0, None
+    if out is not None:
+        out = Path(out)
+        if rank == 0:
+            prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        if distributed:
+            dist.barrier()
+        if resume and not overwrite:
+            state = latest_state(out, note=note if rank == 0 else None)
+    if state is not None:
         from safetensors.torch import load_file
 
         loaded, _, _, _ = load_checkpoint(state)
@@ -360,8 +529,14 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
             out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time))) > 0)
         last = step + 1 == settings.steps or out_of_time
         if out is not None and rank == 0 and ((step + 1) % settings.save_every == 0 or last):
-            save_train_state(out, step + 1, model, tokenizer, optimizer, {"seed": settings.seed, "world": world},
-                             image_tokenizer)
+            try:
+                save_train_state(out, step + 1, model, tokenizer, optimizer, {"seed": settings.seed, "world": world},
+                                 image_tokenizer)
+            except OSError as exc:
+                if bar is not None:
+                    bar.close()
+                raise RunDirError(f"cannot write checkpoint step-{step + 1:07d} in {out} ({exc}); "
+                                  "the earlier checkpoints are intact") from exc
         if world > 1:
             dist.barrier()
         if out_of_time:
@@ -377,6 +552,28 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
 # ------------------------------------------------------------------------------------------------- cli
 
 
+def arg_fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = arg_finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def arg_run_dir(text: str) -> str:
+    """argparse type: a directory, or a path where one can be created (not a file, not under a file)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty")
+    path = Path(text)
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                where = "is a file" if above == path else f"lies under the file {str(above)!r}"
+                raise argparse.ArgumentTypeError(f"{text!r} {where}, not a directory")
+            break
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--preset", default="face-s", help="model preset: tiny, face-s (default), showo-1b")
     p.add_argument("--data", default="faceworld", choices=["faceworld", "synthetic"],
@@ -384,24 +581,30 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--faces", type=int, default=20000, help="face-world images in the training set")
     p.add_argument("--image-tokenizer", default=None,
                    help="directory or file of the trained image tokenizer (default: the embedded one)")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--steps", type=arg_positive_int, default=3000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (all processes together)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--mmu-fraction", type=float, default=0.5, help="fraction of understanding examples")
+    p.add_argument("--mmu-fraction", type=arg_fraction, default=0.5,
+                   help="fraction of understanding examples, in [0, 1]")
     p.add_argument("--qa-per-example", type=int, default=QA_PER_EXAMPLE,
                    help=f"question-answer turns per understanding example (face world; default: {QA_PER_EXAMPLE})")
     p.add_argument("--caption-rate", type=float, default=0.0,
                    help="share of understanding examples that first ask for the whole caption (face world; "
                         "'what does this person look like?'; default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=arg_positive_int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-time budget; the run checkpoints and stops once it is spent (resume continues it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log); resumes from it if present")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has checkpoints")
+    p.add_argument("--out", required=True, type=arg_run_dir,
+                   help="run directory (checkpoints, log); resumes from its newest complete checkpoint if present")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from step 0; refused when --out already holds checkpoints (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints in --out (its step-* folders and latest) before training, then start "
+                        "from step 0 (implies --no-resume; train.log is kept and appended to)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint directory's weights (e.g. fastface/assets/face-s) with a fresh "
                         "optimiser and schedule; a resumable state in --out takes precedence")
@@ -438,6 +641,16 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    out = Path(args.out)
+    resume = not args.no_resume
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:  # before any work: a run directory that cannot be used as asked fails at once
+        try:
+            prepare_run_dir(out, resume=resume, overwrite=args.overwrite)
+        except OSError as exc:
+            raise RunDirError(f"--out {out}: {exc}") from None
+        if resume and not args.overwrite:
+            latest_state(out)
     config = FaceConfig.from_name(args.preset)
     data, tokenizer, image_tokenizer = build_data(args, config)
     if tokenizer.get_vocab_size() != config.text_vocab_size:
@@ -452,21 +665,21 @@ def run(args) -> int:
                              mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
                              autocast=args.bf16,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log_file = out / "train.log"
 
     def log(line):
         with open(log_file, "a") as f:
             f.write(line + "\n")
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         log(json.dumps({"event": "start", "preset": args.preset, "world": world, "args": vars(args),
                         "parameters": sum(p.numel() for p in model.parameters())}, default=str))
     t0 = time.perf_counter()
-    history = train(model, data, tokenizer, settings, out, image_tokenizer=image_tokenizer,
-                    resume=not args.no_resume, log=log)
+    try:
+        history = train(model, data, tokenizer, settings, out, image_tokenizer=image_tokenizer, resume=resume,
+                        overwrite=args.overwrite, log=log)
+    except OSError as exc:  # the log or the run directory (checkpoint writes raise RunDirError themselves)
+        raise RunDirError(f"{out}: {exc}") from exc
     if rank == 0:
         log(json.dumps({"event": "end", "wall_s": round(time.perf_counter() - t0, 1),
                         "final": history[-1] if history else None}))
@@ -479,7 +692,12 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastface train", description="Train a fastface model.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except RunDirError as exc:
+        print(f"fastface train: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -151,3 +151,237 @@ def test_grid_and_output_paths(tmp_path):
     assert output_paths(tmp_path / "f.png", 3)[2] == tmp_path / "f-3.png"
     with pytest.raises(ValueError):
         image_grid([])
+
+
+# ------------------------------------------------------------------- image input, clean errors, atomic outputs
+@pytest.fixture
+def vq_checkpoint(tmp_path, tiny_config):
+    """A random-weight tiny checkpoint with an image tokenizer (64x64 pixels <-> 4x4 tokens): writes PNGs."""
+    import torch
+    from conftest import word_tokenizer
+
+    from fastface.checkpoint import save_checkpoint
+    from fastface.model import FaceTransformer
+    from fastface.vq.model import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    model = FaceTransformer(tiny_config)
+    model.reset_parameters(5)
+    vq = VQModel(VQConfig(image_size=64, channels=(4, 4, 4, 4, 4), enc_blocks=(0,) * 5, dec_blocks=(0,) * 5,
+                          codebook_size=tiny_config.codebook_size, code_dim=8))
+    return save_checkpoint(tmp_path / "tiny-vq", model, word_tokenizer(tiny_config.text_vocab_size), vq)
+
+
+def one_line_error(code, err, command):
+    assert code == 2, err
+    assert err.startswith(f"fastface {command}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def png_with_header_size(path, width, height):
+    """A 1x1 PNG whose IHDR claims ``width`` x ``height`` (CRC fixed)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_answer_reads_16bit_png_as_gray(vq_checkpoint, tmp_path, capsys, monkeypatch):
+    from fastface.pipeline import Pipeline
+
+    seen = []
+    monkeypatch.setattr(Pipeline, "answer", lambda self, images, questions, **kw: seen.append(images) or ["ok"])
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.full((64, 64), 0x8080, dtype=np.uint16)).save(path)
+    code, out, err = run(["answer", str(path), "what colour is her hair?", "--model", str(vq_checkpoint)], capsys)
+    assert code == 0, err
+    assert out == "ok\n"
+    (img,) = seen[0]
+    assert img.mode == "RGB" and (np.asarray(img) == 128).all(), "mid-gray, not white"
+
+
+def test_answer_png_end_to_end(vq_checkpoint, tmp_path, capsys):
+    path = tmp_path / "face.png"
+    Image.new("RGBA", (80, 48), (200, 150, 120, 255)).save(path)  # any size: resized to the model's 64x64
+    code, out, err = run(["answer", str(path), "w1 w2", "--model", str(vq_checkpoint)], capsys)
+    assert code == 0, err
+    assert out.endswith("\n") and out.strip()
+
+
+@pytest.mark.parametrize("width,height,match", [(30000, 30000, "decompression bomb"),
+                                                (10000, 10000, "decompression bomb"),  # Pillow's warning range
+                                                (9000, 9000, "at most 8192x8192")])
+def test_answer_huge_header_is_one_line(width, height, match, vq_checkpoint, tmp_path, capsys):
+    path = png_with_header_size(tmp_path / "big.png", width, height)
+    code, _, err = run(["answer", str(path), "w1", "--model", str(vq_checkpoint)], capsys)
+    one_line_error(code, err, "answer")
+    assert match in err, err
+
+
+def _npy_cases(tmp_path):
+    import zipfile
+
+    cases = {}
+
+    def save(name, array, **kw):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            np.save(f, array, **kw)
+        cases[name] = path
+
+    save("scalar.npy", np.array(3, dtype=np.int64))  # 0-d
+    save("cube.npy", np.zeros((1, 4, 4), dtype=np.int64))
+    save("no-rows.npy", np.zeros((0, 16), dtype=np.int64))
+    save("no-ids.npy", np.zeros((0,), dtype=np.int64))
+    save("floats.npy", np.zeros(16, dtype=np.float64))
+    save("bools.npy", np.zeros(16, dtype=bool))
+    save("objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    save("long-row.npy", np.zeros((1, 70000), dtype=np.int16))
+    save("wrong-length.npy", np.zeros((1, 15), dtype=np.int64))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    cases["empty.npy"] = tmp_path / "empty.npy"
+    whole = (tmp_path / "scalar.npy").read_bytes()
+    save("full.npy", np.zeros((4, 16), dtype=np.int64))
+    (tmp_path / "truncated.npy").write_bytes((tmp_path / "full.npy").read_bytes()[:-40])
+    cases["truncated.npy"] = tmp_path / "truncated.npy"
+    (tmp_path / "png.npy").write_bytes(b"\x89PNG\r\n\x1a\n" + whole)
+    cases["png.npy"] = tmp_path / "png.npy"
+    with zipfile.ZipFile(tmp_path / "archive.npy", "w") as z:
+        z.writestr("a.npy", whole)
+    cases["archive.npy"] = tmp_path / "archive.npy"
+    del cases["full.npy"]
+    return cases
+
+
+def test_answer_bad_token_files_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    for name, path in _npy_cases(tmp_path).items():
+        code, _, err = run(["answer", str(path), "w1", "--model", str(tiny_checkpoint)], capsys)
+        one_line_error(code, err, "answer")
+        assert name in err, (name, err)
+
+
+def test_answer_one_row_token_file_works(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.arange(16, dtype=np.uint8))  # [N], any integer dtype
+    code, out, err = run(["answer", str(path), "w1", "--model", str(tiny_checkpoint)], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a broken", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, None])
+def test_answer_unreadable_image_is_one_line(content, vq_checkpoint, tmp_path, capsys):
+    path = tmp_path / "x.png"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run(["answer", str(path), "w1", "--model", str(vq_checkpoint)], capsys)
+    one_line_error(code, err, "answer")
+    assert ("cannot read image" if content is not None else "does not exist") in err, err
+
+
+def _unwritable_dir():
+    import os
+    import tempfile
+
+    for folder in ("/sys", "/proc"):
+        if os.path.isdir(folder):
+            try:
+                fd, probe = tempfile.mkstemp(dir=folder)
+            except OSError:
+                return folder
+            os.close(fd)
+            os.unlink(probe)
+    return None
+
+
+@pytest.mark.skipif(_unwritable_dir() is None, reason="no unwritable directory (/sys, /proc) on this machine")
+@pytest.mark.parametrize("option", ["-o", "--tokens"])
+def test_generate_unwritable_output_is_one_line(option, vq_checkpoint, tmp_path, capsys, monkeypatch):
+    from fastface.pipeline import Pipeline
+
+    def no_generation(*a, **k):
+        raise AssertionError("the destination is checked before generating")
+
+    monkeypatch.setattr(Pipeline, "generate_tokens", no_generation)
+    target = f"{_unwritable_dir()}/face.{'png' if option == '-o' else 'npy'}"
+    extra = ["-o", str(tmp_path / "ok.png")] if option == "--tokens" else []
+    code, _, err = run(["generate", "w1", "--steps", "1", option, target, *extra, "--model", str(vq_checkpoint),
+                        "--quiet"], capsys)
+    one_line_error(code, err, "generate")
+    assert "cannot write" in err and target in err, err
+
+
+def test_generate_output_errors_are_one_line(vq_checkpoint, tmp_path, capsys):
+    ckpt = ["--model", str(vq_checkpoint), "--quiet", "--steps", "1"]
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["-o", str(tmp_path / "file" / "face.png")], "is not a directory"),
+        (["-o", str(tmp_path / "newdir") + "/"], "does not exist"),
+        (["-o", str(tmp_path / "face.xyz")], "extension '.xyz'"),
+        (["--tokens", str(tmp_path / "none" / "t.npy")], "does not exist"),
+    ]
+    for argv, match in cases:
+        code, _, err = run(["generate", "w1", *argv, *ckpt], capsys)
+        one_line_error(code, err, "generate")
+        assert match in err, (argv, err)
+
+
+def test_generate_into_a_directory(vq_checkpoint, tmp_path, capsys):
+    ckpt = ["--model", str(vq_checkpoint), "--quiet", "--steps", "1"]
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, err = run(["generate", "w1", "-o", str(out), "--tokens", str(out), *ckpt], capsys)
+    assert code == 0, err
+    assert stdout.split() == [str(out / "tokens.npy"), str(out / "face.png")]
+    assert not (tmp_path / "out.png").exists(), "never beside the directory"
+    with Image.open(out / "face.png") as img:
+        assert img.size == (64, 64) and img.format == "PNG"
+    assert np.load(out / "tokens.npy").shape == (1, 16)
+    code, stdout, err = run(["generate", "w1", "-o", str(out), "--num-images", "2", "--grid", *ckpt], capsys)
+    assert code == 0, err
+    assert stdout.split() == [str(out / n) for n in ("face-1.png", "face-2.png", "face-grid.png")]
+    code, stdout, err = run(["generate", "w1", "-o", str(out / "f.jpg"), "--tokens", str(out / "ids"), *ckpt],
+                            capsys)
+    assert code == 0, err
+    assert stdout.split() == [str(out / "ids.npy"), str(out / "f.jpg")], "numpy's rule: .npy is appended"
+    with Image.open(out / "f.jpg") as img:
+        assert img.format == "JPEG"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["face.png", "face-1.png", "face-2.png", "face-grid.png", "tokens.npy", "f.jpg", "ids.npy"]), "no temp files"
+
+
+def test_generate_help_documents_directory_output(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "existing directory DIR means DIR/face.png" in text and "renamed into place" in text
+
+
+@pytest.mark.parametrize("what", ["image", "tokens"])
+def test_failed_write_keeps_the_old_file(what, vq_checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    target = tmp_path / ("face.png" if what == "image" else "t.npy")
+    target.write_bytes(b"old content")
+
+    def half_write_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a fi")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if what == "image":
+        monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: half_write_then_fail(fp))
+    else:
+        monkeypatch.setattr(np, "save", lambda f, *a, **k: half_write_then_fail(f.name))
+    argv = ["-o", str(target)] if what == "image" else ["-o", str(tmp_path / "f.png"), "--tokens", str(target)]
+    code, _, err = run(["generate", "w1", *argv, "--steps", "1", "--quiet", "--model", str(vq_checkpoint)], capsys)
+    one_line_error(code, err, "generate")
+    assert "No space left on device" in err, err
+    assert target.read_bytes() == b"old content", "the old file is intact"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "tiny-vq") == [target.name], "no temp file left"
+
