@@ -21,6 +21,7 @@ that size against ``MAX_SIDE`` before it decodes a pixel. Pillow's own decompres
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,9 @@ def to_rgb(img, *, background: tuple[int, int, int] = BACKGROUND):
         raise ImageError(f"cannot convert an image of mode {img.mode!r} to RGB ({exc})") from None
 
 
-def open_image(path, *, background: tuple[int, int, int] = BACKGROUND):
-    """Read an image file as an RGB PIL image (``to_rgb``), its size checked before it is decoded.
+def open_image(path, *, background: tuple[int, int, int] = BACKGROUND, name: str | None = None):
+    """Read an image file (a path, or the file's bytes) as an RGB PIL image (``to_rgb``), its size checked before
+    it is decoded. ``name`` is what messages call it (default: the path; ``"image"`` for bytes).
 
     Raises ``ImageError`` naming the file for a missing, unreadable, truncated, non-image or too large file.
     Pillow's ``DecompressionBombWarning`` (a header above ``Image.MAX_IMAGE_PIXELS``, below twice that) becomes an
@@ -84,15 +86,19 @@ def open_image(path, *, background: tuple[int, int, int] = BACKGROUND):
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        source, name = io.BytesIO(path), name or "image"
+    else:
+        source = Path(path)
+        name = name or str(source)
     try:
-        with Image.open(path) as img:  # reads the header only
+        with Image.open(source) as img:  # reads the header only
             return to_rgb(img, background=background)
     except ImageError as exc:
-        raise ImageError(f"cannot read image {str(path)!r}: {exc}") from None
+        raise ImageError(f"cannot read image {name!r}: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"cannot read image {str(path)!r}: refused as a decompression bomb ({exc})") from None
+        raise ImageError(f"cannot read image {name!r}: refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"cannot read image {str(path)!r}: not an image file Pillow can identify") from None
+        raise ImageError(f"cannot read image {name!r}: not an image file Pillow can identify") from None
     except (OSError, ValueError, EOFError, SyntaxError) as exc:  # missing, unreadable, truncated, corrupt
-        raise ImageError(f"cannot read image {str(path)!r}: {exc}") from None
+        raise ImageError(f"cannot read image {name!r}: {exc}") from None
