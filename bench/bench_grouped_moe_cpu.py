@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cpu_common import machine_info, memcpy_bandwidth, write  # noqa: E402
+from _cpu_common import gemm_gflops, machine_info, memcpy_bandwidth, write  # noqa: E402
 
 from fastface import _C, _cpp  # noqa: E402
 from fastface.ops.moe import grouped_moe_reference  # noqa: E402
@@ -44,18 +44,6 @@ from fastface.ops.moe import grouped_moe_reference  # noqa: E402
 MIXTRAL = dict(H=1024, F=2816, E=8, K=2)
 SHOWO = dict(H=2048, F=2048, E=8, K=2)
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
-
-
-def gemm_gflops(dtype, n=2048, repeat=5) -> float:
-    """Measured torch.matmul throughput of an n x n x n GEMM (best of ``repeat``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def make_layer(H, F, E, K, dtype, seed=0):
