@@ -3,7 +3,7 @@
     config.json                  {"format_version": 1, "model_type": "fastface", "dtype": ..., "model": {...},
                                   "image_tokenizer": {...} | null}
     model.safetensors            transformer weights (names of ``FaceTransformer.state_dict()``)
-    tokenizer.json               HF ``tokenizers`` text tokenizer (special tokens at ids 0..7)
+    tokenizer.json               HF ``tokenizers`` text tokenizer (special tokens at the config's special_token_ids)
     image_tokenizer.safetensors  VQ image tokenizer weights (when the config names one)
 
 Loading validates everything before building anything: a missing file, an unreadable or truncated
@@ -116,7 +116,7 @@ def load_tokenizer(file: Path, config: FaceConfig):
     if size != config.text_vocab_size:
         raise CheckpointError(f"{file}: vocabulary has {size} tokens, config text_vocab_size is "
                               f"{config.text_vocab_size}")
-    for i, token in enumerate(SPECIAL_TOKENS):
+    for token, i in zip(SPECIAL_TOKENS, config.special_token_ids):
         if tokenizer.token_to_id(token) != i:
             raise CheckpointError(f"{file}: special token {token!r} must have id {i}, "
                                   f"got {tokenizer.token_to_id(token)}")

@@ -57,7 +57,6 @@ from fastface.model import (
     StaticKVCache,
     default_positions,
     omni_attention_mask,
-    rotary_tables,
 )
 from fastface.profiling import OFF, SECTIONS, Timers
 from fastface.prompts import t2i_prompt_ids
@@ -152,7 +151,7 @@ class Engine:
         Bp, P = ids.shape
         task = torch.full((Bp,), group, dtype=torch.long, device=ids.device)
         positions = default_positions(ids)
-        cos, sin = rotary_tables(positions, c.head_dim, c.rope_theta)
+        cos, sin = model.rotary(positions)
         kv = StaticKVCache(c.num_layers, Bp, c.num_heads, P + extra, c.head_dim, dtype=self.dtype, device=ids.device)
         ctx = BlockContext(mask=omni_attention_mask(ids)[:, None], cos=cos, sin=sin,
                            groups=task.repeat_interleave(P), task=task, cond_mask=cond_mask, e_sem=e_sem, e_id=e_id,
@@ -256,7 +255,7 @@ class Engine:
         buf.mask[:, 0, :, :P] = torch.zeros((), dtype=self.dtype, device=device).masked_fill(
             ~valid, float("-inf"))[:, None, :]
         positions = next_pos[:, None] + torch.arange(S, device=device)  # [R, S]
-        cos, sin = rotary_tables(positions, c.head_dim, c.rope_theta)  # [R, 1, S, hd]
+        cos, sin = model.rotary(positions)  # [R, 1, S, hd]
         routes = [(torch.cat([p.routes[i][0].expand(B, -1) for p in parts]),
                    torch.cat([p.routes[i][1].expand(B, -1) for p in parts])) for i in range(c.num_layers)]
         mixtures = model.seq_mixtures(routes, buf.task)
@@ -396,7 +395,7 @@ class Engine:
                     break
                 start = L0 + t
                 valid[:, start] = nxt != PAD_ID  # a <pad> sample is fed but never attended to, as in the KV cache
-                cos, sin = rotary_tables(position[:, None], c.head_dim, c.rope_theta)  # [B, 1, 1, hd]
+                cos, sin = model.rotary(position[:, None])  # [B, 1, 1, hd]
                 prefix.kv.start = start
                 ctx = BlockContext(mask=valid[:, None, None, : start + 1], cos=cos, sin=sin, groups=task, task=task,
                                    kv=prefix.kv, seq=mixtures, backend=self.backend)  # every valid key, itself

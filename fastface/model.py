@@ -1,7 +1,7 @@
 """The UniF²ace-style unified transformer: reference model.
 
-Legend: B sequences, L sequence length, H hidden, nh heads, hd head dim, G expert groups (task),
-E routed experts, S shared experts, F expert ffn width, V unified vocabulary.
+Legend: B sequences, L sequence length, H hidden, nh heads, hd head dim, rd rotary dims per head, G expert groups
+(task), E routed experts, S shared experts, F expert ffn width, V unified vocabulary.
 
 Block:  x += Attn(LN(x));  x += TokenMoE(LN(x));  x += SeqMoE(LN(x))
 
@@ -14,6 +14,20 @@ Block:  x += Attn(LN(x));  x += TokenMoE(LN(x));  x += SeqMoE(LN(x))
   the sequence's conditioning tokens (the prompt for t2i; image and question for mmu), softmax over 4
   experts, top-2, weights renormalised over the two (a choice: the paper does not say). Routing from the
   condition only keeps the decision fixed while image tokens or answer tokens change.
+
+Variants (``FaceConfig`` fields; the defaults are the block above):
+
+* ``block="parallel"`` (Phi): attention and MLP read one LN, their sum joins the residual: x += Attn(h) + MLP(h),
+  h = LN(x).
+* ``mlp="dense"``: one MLP in place of the token-level MoE (``DenseMLP``: Phi's fc1 -> gelu(tanh) -> fc2, or SwiGLU).
+* ``seq_moe=False``: no sequence-level MoE sublayer. The block still reports a routing decision, an empty one (no
+  expert chosen), and ``seq_mixtures`` gives it an identity mixture, so the decoding loops treat every model alike.
+* ``rotary_fraction`` < 1: rotary on the first rd = int(hd * fraction) dims of each head (NeoX rotate-half over those
+  dims, frequencies over rd, as transformers' Phi), the rest unrotated; the rotary tables are rd wide
+  (``FaceTransformer.rotary``).
+* ``bias``: biases on q/k/v/out, the dense MLP and the LM head.
+* ``special_token_ids``: ``forward`` builds its masks, rotary positions and sequence-MoE condition from the config's
+  <pad>, <soi> and <eoi> ids; the mask functions below take them as arguments (default: ids 0..7).
 
 The model owns its fast path (the engine calls these modules, never their weights): attention writes its keys and
 values through a cache object -- ``KVCache`` grows by concatenation (the reference), ``StaticKVCache`` writes into
@@ -33,6 +47,7 @@ from fastface import ops
 from fastface.config import (
     EOI_ID,
     GROUP_GENERATION,
+    GROUP_UNDERSTANDING,
     PAD_ID,
     SEQ_EXPERTS,
     SOI_ID,
@@ -43,19 +58,20 @@ from fastface.loss import load_balancing_loss
 # ----------------------------------------------------------------------------------------------- masks
 
 
-def image_segments(input_ids: torch.Tensor) -> torch.Tensor:
+def image_segments(input_ids: torch.Tensor, *, soi_id: int = SOI_ID, eoi_id: int = EOI_ID) -> torch.Tensor:
     """Segment number of each position: k >= 1 inside the k-th <soi> ... <eoi> span (inclusive), else 0."""
-    opened = torch.cumsum(input_ids == SOI_ID, dim=-1)
-    is_eoi = input_ids == EOI_ID
+    opened = torch.cumsum(input_ids == soi_id, dim=-1)
+    is_eoi = input_ids == eoi_id
     closed_before = torch.cumsum(is_eoi, dim=-1) - is_eoi.long()
     return torch.where(opened > closed_before, opened, torch.zeros_like(opened))
 
 
-def omni_attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] ids -> [B, L, L] bool, True where row i may attend to column j."""
+def omni_attention_mask(input_ids: torch.Tensor, *, pad_id: int = PAD_ID, soi_id: int = SOI_ID,
+                        eoi_id: int = EOI_ID) -> torch.Tensor:
+    """[B, L] ids -> [B, L, L] bool, True where row i may attend to column j (special ids: ``FaceConfig``'s)."""
     B, L = input_ids.shape
-    pad = input_ids == PAD_ID  # [B, L]
-    seg = image_segments(input_ids)  # [B, L]
+    pad = input_ids == pad_id  # [B, L]
+    seg = image_segments(input_ids, soi_id=soi_id, eoi_id=eoi_id)  # [B, L]
     causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
     same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)  # [B, L, L]
     allowed = (causal | same_segment) & ~pad[:, None, :]
@@ -63,16 +79,17 @@ def omni_attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(pad[:, :, None], eye, allowed)
 
 
-def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+def default_positions(input_ids: torch.Tensor, *, pad_id: int = PAD_ID) -> torch.Tensor:
     """Rotary positions counting only non-pad tokens, so left padding does not shift a sequence."""
-    return (torch.cumsum(input_ids != PAD_ID, dim=-1) - 1).clamp(min=0)
+    return (torch.cumsum(input_ids != pad_id, dim=-1) - 1).clamp(min=0)
 
 
-def default_cond_mask(input_ids: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+def default_cond_mask(input_ids: torch.Tensor, task: torch.Tensor, *, pad_id: int = PAD_ID,
+                      soi_id: int = SOI_ID) -> torch.Tensor:
     """Conditioning tokens: for t2i the non-pad tokens before the first <soi>; for mmu every non-pad token
     (the input is taken to be the prompt: image and question; pass ``cond_mask`` when answers follow)."""
-    before_image = torch.cumsum(input_ids == SOI_ID, dim=-1) == 0
-    non_pad = input_ids != PAD_ID
+    before_image = torch.cumsum(input_ids == soi_id, dim=-1) == 0
+    non_pad = input_ids != pad_id
     t2i = (task == GROUP_GENERATION)[:, None]
     return non_pad & torch.where(t2i, before_image, torch.ones_like(before_image))
 
@@ -80,15 +97,17 @@ def default_cond_mask(input_ids: torch.Tensor, task: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------------------------- rotary
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, L] -> (cos, sin) [B, 1, L, hd] in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [B, L, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, L, hd]
+def rotary_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, L] -> (cos, sin) [B, 1, L, dim] in float32, for the ``dim`` rotated dims of a head
+    (``FaceConfig.rotary_dim``: the head dim unless ``rotary_fraction`` < 1)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, L, dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, L, dim]
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., d] by tables [..., d] (NeoX rotate-half: dim i pairs with dim i + d/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -162,7 +181,7 @@ class StaticKVCache:
 class BlockContext:
     """What every block of one forward reads.
 
-    mask [B, 1, L, Lk] bool (True = may attend) or additive float (0 / -inf); cos, sin [B, 1, L, hd];
+    mask [B, 1, L, Lk] bool (True = may attend) or additive float (0 / -inf); cos, sin [B, 1, L, rd];
     groups [B * L] each token's expert group; task [B]; cond_mask [B, L] the sequence-MoE routing input;
     kv: a ``KVCache`` or ``StaticKVCache`` (or None); routes: per layer fixed routing (weights, experts) to reuse
     instead of deciding it; seq: per layer fixed ``SeqMixture`` (routing and embeddings folded in; overrides
@@ -189,15 +208,23 @@ class Attention(nn.Module):
     def __init__(self, config: FaceConfig):
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)  # q, k, v rows
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
 
     def forward(self, x, mask, cos, sin, kv: KVCache | StaticKVCache | None = None, layer: int = 0):
-        """x [B, L, H], mask [B, 1, L, Lk] -> [B, L, H]; with ``kv`` the new keys/values join the cached ones."""
+        """x [B, L, H], mask [B, 1, L, Lk], cos/sin [B, 1, L, rd] -> [B, L, H]; with ``kv`` the new keys/values join
+        the cached ones."""
         B, L, H = x.shape
-        nh, hd = self.config.num_heads, self.config.head_dim
+        nh, hd, rd = self.config.num_heads, self.config.head_dim, self.config.rotary_dim
+        if cos.shape[-1] != rd:
+            raise ValueError(f"rotary tables are {cos.shape[-1]} wide, this model rotates {rd} dims of each head "
+                             f"(build them with FaceTransformer.rotary)")
         q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, L, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rd == hd:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:  # partial rotary: the first rd dims rotate, the rest pass through
+            q = torch.cat([apply_rotary(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
+            k = torch.cat([apply_rotary(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
         if kv is not None:
             k, v = kv.update(layer, k, v)  # [B, nh, Lk, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, L, hd]
@@ -234,6 +261,29 @@ class TokenMoE(nn.Module):
         )
         y, logits = out if router_logits else (out, None)
         return y.view(B, L, H), logits
+
+
+class DenseMLP(nn.Module):
+    """One MLP per block (``mlp="dense"``): ``fc2(gelu_tanh(fc1 x))`` as Phi, or SwiGLU
+    ``down_proj(silu(gate_proj x) * up_proj x)`` as Llama; biases with ``config.bias``."""
+
+    def __init__(self, config: FaceConfig):
+        super().__init__()
+        H, Fd, bias = config.hidden_size, config.dense_ffn_size, config.bias
+        self.gated = config.mlp_activation == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(H, Fd, bias=bias)
+            self.up_proj = nn.Linear(H, Fd, bias=bias)
+            self.down_proj = nn.Linear(Fd, H, bias=bias)
+        else:
+            self.fc1 = nn.Linear(H, Fd, bias=bias)
+            self.fc2 = nn.Linear(Fd, H, bias=bias)
+
+    def forward(self, x):
+        """x [B, L, H] -> [B, L, H]."""
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 @dataclass
@@ -311,22 +361,54 @@ class SeqMoE(nn.Module):
         return self.apply(h, self.mixture(route, group, h.dtype, e_sem, e_id)), route
 
 
+def empty_route(batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing decision of a block without a sequence-level MoE: no expert chosen, (weights [B, 0] float32,
+    experts [B, 0] int64)."""
+    return (torch.zeros(batch, 0, dtype=torch.float32, device=device),
+            torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+
 class Block(nn.Module):
+    """Attention, then the MLP (token-level MoE or dense), then the sequence-level MoE; ``config.block`` says whether
+    the MLP follows the attention (sequential) or runs beside it on the same LN (parallel)."""
+
     def __init__(self, config: FaceConfig):
         super().__init__()
-        eps = config.layer_norm_eps
-        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=eps)
+        eps, H = config.layer_norm_eps, config.hidden_size
+        self.parallel = config.block == "parallel"
+        self.ln_attn = nn.LayerNorm(H, eps=eps)  # parallel: the MLP reads it too
         self.attn = Attention(config)
-        self.ln_moe = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.moe = TokenMoE(config)
-        self.ln_seq = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.seq_moe = SeqMoE(config)
+        ln_mlp = None if self.parallel else nn.LayerNorm(H, eps=eps)
+        if config.mlp == "moe":
+            self.ln_moe, self.moe, self.ln_mlp, self.mlp = ln_mlp, TokenMoE(config), None, None
+        else:
+            self.ln_moe, self.moe, self.ln_mlp, self.mlp = None, None, ln_mlp, DenseMLP(config)
+        if config.seq_moe:
+            self.ln_seq = nn.LayerNorm(H, eps=eps)
+            self.seq_moe = SeqMoE(config)
+        else:
+            self.ln_seq = self.seq_moe = None
+
+    def _feed_forward(self, h, ctx: BlockContext):
+        """h [B, L, H] -> (MLP output [B, L, H], token router logits or None)."""
+        if self.moe is not None:
+            return self.moe(h, ctx.groups, ctx.router_logits, ctx.backend)
+        return self.mlp(h), None
 
     def forward(self, x, ctx: BlockContext, layer: int):
         """x [B, L, H] -> (x [B, L, H], router logits or None, route of the sequence-level MoE or None)."""
-        x = x + self.attn(self.ln_attn(x), ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
-        y, router_logits = self.moe(self.ln_moe(x), ctx.groups, ctx.router_logits, ctx.backend)
-        x = x + y
+        if self.parallel:
+            h = self.ln_attn(x)
+            a = self.attn(h, ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
+            y, router_logits = self._feed_forward(h, ctx)
+            x = x + (a + y)  # Phi's order: (attn + mlp) + residual
+        else:
+            x = x + self.attn(self.ln_attn(x), ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
+            ln = self.ln_moe if self.moe is not None else self.ln_mlp
+            y, router_logits = self._feed_forward(ln(x), ctx)
+            x = x + y
+        if self.seq_moe is None:
+            return x, router_logits, None if ctx.seq is not None else empty_route(x.shape[0], x.device)
         route = ctx.routes[layer] if ctx.routes is not None else None
         mixture = ctx.seq[layer] if ctx.seq is not None else None
         s, route = self.seq_moe(self.ln_seq(x), ctx.task, ctx.cond_mask, ctx.e_sem, ctx.e_id, route, mixture)
@@ -350,25 +432,27 @@ class FaceTransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.bias)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None):
-        """Deterministic init (std 0.02, output projections scaled by depth)."""
+        """Deterministic init (std 0.02, output projections scaled by depth; LayerNorms 1, biases 0)."""
         gen = torch.Generator().manual_seed(0 if seed is None else seed)
         std = 0.02
         out_std = std / (2 * self.config.num_layers) ** 0.5
+        out_names = ("out.weight", "down_proj", "down_proj.weight", "fc2.weight", "sem_proj.weight", "id_proj.weight")
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # LayerNorm
+            if p.dim() == 1:  # LayerNorm weights and biases, linear biases
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
                 continue
-            scale = out_std if name.endswith(("out.weight", "down_proj", "sem_proj.weight", "id_proj.weight")) else std
+            scale = out_std if name.endswith(out_names) else std
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
     def set_backend(self, backend: str):
         for layer in self.layers:
-            layer.moe.backend = backend
+            if layer.moe is not None:
+                layer.moe.backend = backend
 
     @property
     def device(self) -> torch.device:
@@ -397,12 +481,21 @@ class FaceTransformer(nn.Module):
     def head(self, hidden: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
         """Final norm and LM head over hidden [..., H] -> logits [..., V], or only the vocabulary ``columns``."""
         h = self.ln_f(hidden)
-        return self.lm_head(h) if columns is None else F.linear(h, self.lm_head.weight[columns])
+        if columns is None:
+            return self.lm_head(h)
+        bias = self.lm_head.bias
+        return F.linear(h, self.lm_head.weight[columns], None if bias is None else bias[columns])
 
     def seq_mixtures(self, routes: list, task: torch.Tensor, e_sem=None, e_id=None) -> list:
-        """Per layer ``SeqMixture`` of fixed routes (and embeddings), for ``BlockContext.seq``."""
-        return [layer.seq_moe.mixture(route, task, self.dtype, e_sem, e_id)
+        """Per layer ``SeqMixture`` of fixed routes (and embeddings), for ``BlockContext.seq``; a block without a
+        sequence-level MoE gets the identity (scale 1, no bias), which it does not read."""
+        identity = SeqMixture(torch.ones(task.shape[0], dtype=self.dtype, device=task.device), [])
+        return [layer.seq_moe.mixture(route, task, self.dtype, e_sem, e_id) if layer.seq_moe is not None else identity
                 for layer, route in zip(self.layers, routes)]
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables of rotary positions [B, L]: (cos, sin) [B, 1, L, rd] float32, for ``BlockContext``."""
+        return rotary_tables(positions, self.config.rotary_dim, self.config.rope_theta)
 
     # ------------------------------------------------------------------------------------ reference
     def forward(
@@ -428,21 +521,23 @@ class FaceTransformer(nn.Module):
         ``logits_positions`` [P] restricts the LM head to those positions.
         """
         B, L = input_ids.shape
+        c = self.config
         cached = cache is not None and cache.length > 0
         if attn_mask is None:
             if cached:
-                new_valid = input_ids != PAD_ID
+                new_valid = input_ids != c.pad_id
                 causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
                 attn_mask = torch.cat([cache.key_valid[:, None, :].expand(B, L, -1),
                                        causal[None] & new_valid[:, None, :]], dim=-1)
             else:
-                attn_mask = omni_attention_mask(input_ids)
+                attn_mask = omni_attention_mask(input_ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id)
         if positions is None:
-            positions = (cache.next_position[:, None] + default_positions(input_ids)) if cached else \
-                default_positions(input_ids)
+            positions = default_positions(input_ids, pad_id=c.pad_id)
+            if cached:
+                positions = cache.next_position[:, None] + positions
         if cond_mask is None and not cached:
-            cond_mask = default_cond_mask(input_ids, task)
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+            cond_mask = default_cond_mask(input_ids, task, pad_id=c.pad_id, soi_id=c.soi_id)
+        cos, sin = self.rotary(positions)
         groups = task[:, None].expand(B, L).reshape(B * L)
         ctx = BlockContext(mask=attn_mask[:, None], cos=cos, sin=sin, groups=groups, task=task, cond_mask=cond_mask,
                            e_sem=e_sem, e_id=e_id, kv=cache, routes=cache.routes if cached else None,
@@ -450,17 +545,30 @@ class FaceTransformer(nn.Module):
         x, router_logits, routes = self.blocks(input_ids, ctx)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            valid = (input_ids != PAD_ID).reshape(-1)
+            valid = (input_ids != c.pad_id).reshape(-1)
             for logits in router_logits:
-                aux = aux + load_balancing_loss(logits[valid], groups[valid], self.config.num_groups,
-                                                self.config.top_k)
+                if logits is not None:  # None: a dense MLP has no router
+                    aux = aux + load_balancing_loss(logits[valid], groups[valid], c.num_groups, c.top_k)
         if cache is not None:
             if not cached:
                 cache.routes = routes
-            valid_new = input_ids != PAD_ID
+            valid_new = input_ids != c.pad_id
             cache.key_valid = valid_new if not cached else torch.cat([cache.key_valid, valid_new], dim=1)
             cache.next_position = positions[:, -1] + 1
         h = self.ln_f(x)
         if logits_positions is not None:
             h = h[:, logits_positions]
         return ModelOutput(self.lm_head(h), aux, cache.routes if cached else routes, h if return_hidden else None)
+
+    def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] of plain causal language modelling over ids [B, L] (a backbone's text forward, as
+        transformers' ``*ForCausalLM``): row i attends to rows 0..i, rotary positions 0..L-1, whatever the ids are --
+        no padding, no image segment -- in the understanding group. A sequence-level MoE, if the model has one, routes
+        from the whole sequence."""
+        B, L = input_ids.shape
+        device = input_ids.device
+        mask = torch.ones(L, L, dtype=torch.bool, device=device).tril().expand(B, L, L)
+        positions = torch.arange(L, device=device).expand(B, L)
+        task = torch.full((B,), GROUP_UNDERSTANDING, dtype=torch.long, device=device)
+        cond_mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        return self(input_ids, task, cond_mask=cond_mask, attn_mask=mask, positions=positions).logits

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 
 SECTIONS = ("prefill", "attention", "moe", "seq_moe", "lm_head", "sampler", "noise")
-# sublayer name in each block -> section
-_HOOKED = {"attn": "attention", "moe": "moe", "seq_moe": "seq_moe"}
+# sublayer name in each block -> section (a dense block's MLP counts as "moe"; absent sublayers are skipped)
+_HOOKED = {"attn": "attention", "moe": "moe", "mlp": "moe", "seq_moe": "seq_moe"}
 
 
 class Timers:
@@ -71,7 +71,9 @@ class Timers:
 
         for layer in model.layers:
             for attr, name in _HOOKED.items():
-                module = getattr(layer, attr)
+                module = getattr(layer, attr, None)
+                if module is None:
+                    continue
                 handles.append(module.register_forward_pre_hook(before(name)))
                 handles.append(module.register_forward_hook(after(name)))
         try:
