@@ -26,6 +26,7 @@ engine call (``fastface.server.batching``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -34,6 +35,7 @@ import logging
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -162,8 +164,11 @@ class Service:
         self.metrics = Metrics()
         self.size = f"{pipe.config.image_size}x{pipe.config.image_size}"
         self.max_text = pipe.config.max_text_len - 3  # <t2i> <bos> text <eos>
+        # one worker thread runs every model call (both batchers' batches and the image encoding of chat
+        # requests): the pipeline serialises its engine anyway, and two threads of torch work would only share cores
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastface-model")
         common = dict(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                      max_queue=settings.max_queue)
+                      max_queue=settings.max_queue, executor=self.worker)
         self.images = Batcher(self._run_images, on_batch=lambda s: self._record("images", s), **common)
         self.answers = Batcher(self._run_answers, on_batch=lambda s: self._record("answers", s), **common)
 
@@ -240,6 +245,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         # uvicorn has finished the in-flight requests; finish anything still queued, then stop
         await service.images.close()
         await service.answers.close()
+        service.worker.shutdown(wait=True)
 
     app = FastAPI(title="fastface", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -337,7 +343,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         service.check_model(body.model)
         question, url = _question_and_image(body.messages)
         service.check_prompt("messages.content.text", question)
-        ids = service.image_ids(url)
+        ids = await asyncio.get_running_loop().run_in_executor(service.worker, service.image_ids, url)
         max_new = body.max_completion_tokens or body.max_tokens or pipe.config.max_answer_len
         temperature = 1.0 if body.temperature in (None, 0) else body.temperature
         top_p = None if body.temperature == 0 else body.top_p

@@ -69,6 +69,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self._own_executor = executor is None  # an executor passed in is shared, and its owner shuts it down
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastface-batch")
         self._pending: deque[_Request] = deque()
         self._wake: asyncio.Event | None = None
@@ -104,7 +105,8 @@ class Batcher:
             self._wake.set()
             await self._task
             self._task = None
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
