@@ -4,7 +4,7 @@
     python bench/bench_decode_cpu.py --quick    # N = 256 only, fewer repeats (..._quick.json)
     python bench/bench_decode_cpu.py --peer     # also torch.compile(reference) (inductor C++; slow to compile)
 
-Shapes (issue 3): B = 8 with guidance (16 logits rows per position), N = 256 and 1024, V = 8192, float32 and
+Shapes: B = 8 with guidance (16 logits rows per position), N = 256 and 1024, V = 8192, float32 and
 bfloat16 logits; all positions masked (step 0: every row is read) and about half masked (a middle step).
 
 Ceiling: memcpy bandwidth (bytes read + written per second) measured in the same run, once at the start and

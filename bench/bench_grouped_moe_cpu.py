@@ -5,7 +5,7 @@
 
 Legend: T tokens, H hidden, E experts, F ffn width, K top-k.
 
-Shapes (issue 3): Mixtral-like H=1024, F=2816, E=8, K=2 at T = 1, 8, 64, 512, 4096, and showo-1b-like
+Shapes: Mixtral-like H=1024, F=2816, E=8, K=2 at T = 1, 8, 64, 512, 4096, and showo-1b-like
 H=2048, F=2048, E=8, K=2 (fastface.config.PRESETS["showo-1b"], routed experts only) at T = 8, 512; float32
 and bfloat16 (weights and activations in that dtype).
 

@@ -19,7 +19,7 @@ STEPS, GUIDANCE = 16, 2.0
 
 @pytest.fixture(scope="module")
 def subject():
-    return benchmark.load_subject(None, "face-s", ["float32", "bfloat16"])
+    return benchmark.load_subject(None, None, ["float32", "bfloat16"])
 
 
 def _id(case):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastface.config import FaceConfig
+from fastface.config import PRESETS, FaceConfig
 
 
 @dataclass
@@ -38,13 +38,20 @@ class Subject:
     source: str
 
 
-def load_subject(model_path: str | None, preset: str, dtypes) -> Subject:
-    """The checkpoint at ``model_path``, else the embedded model, else random weights of ``preset``."""
+def load_subject(model_path: str | None, preset: str | None, dtypes) -> Subject:
+    """Random weights of ``preset`` when one is named; else the checkpoint at ``model_path``, else the embedded
+    model, else random weights of face-s. Naming both a checkpoint and a preset is an error."""
     from fastface.checkpoint import load_checkpoint
     from fastface.model import FaceTransformer
     from fastface.pipeline import DEFAULT_MODEL
 
-    path = Path(model_path) if model_path else (DEFAULT_MODEL if (DEFAULT_MODEL / "config.json").is_file() else None)
+    if model_path is not None and preset is not None:
+        raise ValueError(f"give a checkpoint (--model {model_path}) or a preset (--preset {preset}), not both")
+    path = None
+    if preset is None:
+        path = Path(model_path) if model_path else (DEFAULT_MODEL if (DEFAULT_MODEL / "config.json").is_file()
+                                                    else None)
+        preset = "face-s"
     models = {}
     if path is not None:
         model, tokenizer, image_tokenizer, _ = load_checkpoint(path)
@@ -389,8 +396,9 @@ def add_arguments(p: argparse.ArgumentParser):
     )
 
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model if installed, "
-                   "else random weights of --preset)")
-    p.add_argument("--preset", default="face-s", help="model shape for random weights (default: face-s)")
+                   "else random weights of face-s)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="benchmark random weights of this model shape instead of a checkpoint")
     p.add_argument("--batch", type=arg_positive_int, nargs="+", default=[1, 4, 16],
                    help="batch sizes (default: 1 4 16)")
     p.add_argument("--steps", type=arg_positive_int, default=16, help="decoding steps per image (default: 16)")

@@ -132,6 +132,19 @@ def test_bench_writes_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     assert "generate" in stdout and "reference" in stdout
 
 
+def test_bench_preset_is_honoured_beside_the_embedded_model(tmp_path, capsys):
+    """--preset NAME benchmarks random weights of that shape even though the embedded model is installed."""
+    out = tmp_path / "bench.json"
+    code, _, err = run(["bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--repeats", "1", "--warmup",
+                        "0", "--backends", "auto", "--dtypes", "float32", "--no-answer", "--thresholds",
+                        "--json", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["model"] == "random weights, preset tiny" and report["config"]["name"] == "tiny"
+    code, _, err = run(["bench", "--preset", "tiny", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "not both" in err and "Traceback" not in err
+
+
 def test_plot_without_matplotlib(tmp_path, monkeypatch):
     from fastface import benchmark
 
