@@ -121,6 +121,20 @@ def arg_finite_float(text: str) -> float:
     return value
 
 
+def arg_nonnegative_float(text: str) -> float:
+    value = arg_finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def arg_positive_float(text: str) -> float:
+    value = arg_finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def arg_probability(text: str) -> float:
     value = arg_finite_float(text)
     if not 0 < value <= 1:

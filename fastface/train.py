@@ -35,7 +35,15 @@ import torch.distributed as dist
 
 from fastface import ops
 from fastface.checkpoint import load_checkpoint, read_config, save_checkpoint
-from fastface.checks import arg_finite_float, arg_positive_int, check_bounded, check_int
+from fastface.checks import (
+    arg_finite_float,
+    arg_nonnegative_float,
+    arg_nonnegative_int,
+    arg_positive_float,
+    arg_positive_int,
+    check_bounded,
+    check_int,
+)
 from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
 from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
@@ -578,26 +586,26 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--preset", default="face-s", help="model preset: tiny, face-s (default), showo-1b")
     p.add_argument("--data", default="faceworld", choices=["faceworld", "synthetic"],
                    help="training data: the procedural face world (default) or random tokens (smoke runs)")
-    p.add_argument("--faces", type=int, default=20000, help="face-world images in the training set")
+    p.add_argument("--faces", type=arg_positive_int, default=20000, help="face-world images in the training set")
     p.add_argument("--image-tokenizer", default=None,
                    help="directory or file of the trained image tokenizer (default: the embedded one)")
     p.add_argument("--steps", type=arg_positive_int, default=3000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (all processes together)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--batch-size", type=arg_positive_int, default=32, help="global batch size (all processes together)")
+    p.add_argument("--lr", type=arg_nonnegative_float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=arg_nonnegative_int, default=100, help="linear warm-up steps")
     p.add_argument("--mmu-fraction", type=arg_fraction, default=0.5,
                    help="fraction of understanding examples, in [0, 1]")
-    p.add_argument("--qa-per-example", type=int, default=QA_PER_EXAMPLE,
+    p.add_argument("--qa-per-example", type=arg_positive_int, default=QA_PER_EXAMPLE,
                    help=f"question-answer turns per understanding example (face world; default: {QA_PER_EXAMPLE})")
-    p.add_argument("--caption-rate", type=float, default=0.0,
+    p.add_argument("--caption-rate", type=arg_fraction, default=0.0,
                    help="share of understanding examples that first ask for the whole caption (face world; "
                         "'what does this person look like?'; default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run")
+    p.add_argument("--seed", type=arg_nonnegative_int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=arg_positive_int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=arg_positive_float, default=None,
                    help="wall-time budget; the run checkpoints and stops once it is spent (resume continues it)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--threads", type=arg_positive_int, default=None, help="torch threads per process")
     p.add_argument("--out", required=True, type=arg_run_dir,
                    help="run directory (checkpoints, log); resumes from its newest complete checkpoint if present")
     p.add_argument("--no-resume", action="store_true",
@@ -695,7 +703,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except RunDirError as exc:
+    except (RunDirError, ValueError, TypeError, OSError) as exc:
         print(f"fastface train: error: {exc}", file=sys.stderr)
         return 1
 
