@@ -6,7 +6,7 @@
 
 Without a CUDA device (and without ``--smoke``) it says so and exits with status 0.
 
-Ops, shapes (the CPU benchmarks', plus showo-1b from ``fastface.config.PRESETS``) and implementations:
+Ops, shapes (the CPU benchmarks', plus a 2048-wide grouped MoE labelled showo-1b) and implementations:
 
   moe        grouped MoE forward. Mixtral-like H=1024, F=2816, E=8, k=2 and showo-1b-like H=2048, F=2048, E=8,
              k=2, one group and no shared expert (as transformers models), T = 1, 8, 64, 512, 4096; and showo-1b as

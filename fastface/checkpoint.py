@@ -50,18 +50,39 @@ def dtype_name(dtype: torch.dtype) -> str:
 def save_checkpoint(path, model, tokenizer, image_tokenizer=None, *, dtype: str | None = None) -> Path:
     """Write ``model`` (a FaceTransformer), ``tokenizer`` (tokenizers.Tokenizer) and optionally the image
     tokenizer (an object with ``config.to_dict()`` and ``state_dict()``) to directory ``path``."""
+    state = model.state_dict()
+    return save_state(path, model.config, state, tokenizer, image_tokenizer,
+                      dtype=dtype or dtype_name(next(iter(state.values())).dtype))
+
+
+def save_state(path, config: FaceConfig, state: dict, tokenizer, image_tokenizer=None, *, dtype: str) -> Path:
+    """Write a checkpoint directory from a ``FaceTransformer(config)`` state dict without building the model
+    (converters write multi-GB models this way). The tensors are checked against a meta-device skeleton first:
+    keys and shapes, a ``CheckpointError`` naming the first that differs."""
+    from fastface.model import FaceTransformer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    with torch.device("meta"):
+        expected = FaceTransformer(config).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state dict does not fit the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for key, want in expected.items():
+        if tuple(state[key].shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, the config needs "
+                                  f"{tuple(want.shape)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    stored = dtype or dtype_name(next(iter(state.values())).dtype)
     vq_config = image_tokenizer.config.to_dict() if image_tokenizer is not None else None
-    config = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": stored,
-              "model": model.config.to_dict(), "image_tokenizer": vq_config}
-    save_weights(path / "model.safetensors", state, config=config, dtype=DTYPES[stored])
+    meta = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": dtype,
+            "model": config.to_dict(), "image_tokenizer": vq_config}
+    save_weights(path / "model.safetensors", {k: state[k] for k in expected}, config=meta, dtype=DTYPES[dtype])
     atomic_write(path / "tokenizer.json", lambda p: tokenizer.save(str(p)))
     if image_tokenizer is not None:
         save_weights(path / "image_tokenizer.safetensors", image_tokenizer.state_dict(), config=vq_config)
-    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 
@@ -116,10 +137,17 @@ def load_tokenizer(file: Path, config: FaceConfig):
     if size != config.text_vocab_size:
         raise CheckpointError(f"{file}: vocabulary has {size} tokens, config text_vocab_size is "
                               f"{config.text_vocab_size}")
-    for token, i in zip(SPECIAL_TOKENS, config.special_token_ids):
-        if tokenizer.token_to_id(token) != i:
-            raise CheckpointError(f"{file}: special token {token!r} must have id {i}, "
-                                  f"got {tokenizer.token_to_id(token)}")
+    if config.special_token_ids == tuple(range(len(SPECIAL_TOKENS))):  # fastface's own layout, by spelling
+        for token, i in zip(SPECIAL_TOKENS, config.special_token_ids):
+            if tokenizer.token_to_id(token) != i:
+                raise CheckpointError(f"{file}: special token {token!r} must have id {i}, "
+                                      f"got {tokenizer.token_to_id(token)}")
+    else:  # another model's layout (Show-o's): each special id must be one of the tokenizer's added tokens
+        added = set(tokenizer.get_added_tokens_decoder())
+        for token, i in zip(SPECIAL_TOKENS, config.special_token_ids):
+            if i not in added:
+                raise CheckpointError(f"{file}: the config's {token} id {i} is not an added token of this tokenizer "
+                                      f"({tokenizer.id_to_token(i)!r})")
     return text_only(tokenizer)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``fastface generate | answer | bench | train | eval | serve``.
+"""Command line: ``fastface generate | answer | bench | train | eval | serve | convert``.
 
     fastface generate "a woman with red hair and green eyes" --num-images 4 --grid -o face.png
     fastface answer face.png "what colour is her hair?"
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, helptext in (("train", "fastface.train", "train a model"),
                                    ("eval", "fastface.evaluate", "evaluate a checkpoint"),
-                                   ("serve", "fastface.server", "serve the model over HTTP (OpenAI-compatible)")):
+                                   ("serve", "fastface.server", "serve the model over HTTP (OpenAI-compatible)"),
+                                   ("convert", "fastface.convert", "convert another model's checkpoint")):
         _add_delegated(sub, name, module, helptext)
     return parser
 
@@ -297,7 +298,7 @@ def cmd_delegated(args):
 
 
 COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,
-            "eval": cmd_delegated, "serve": cmd_delegated}
+            "eval": cmd_delegated, "serve": cmd_delegated, "convert": cmd_delegated}
 
 
 def main(argv=None) -> int:

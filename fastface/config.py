@@ -9,7 +9,8 @@ Vocabulary layout (ids of the unified transformer):
 The special tokens are text tokenizer ids, at ``special_token_ids`` (in ``SPECIAL_TOKENS`` order; default 0..7).
 Show-o's vocabulary fits the same layout: Phi's 50295 text ids, then the 10 tokens Show-o adds to the text tokenizer
 ([PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|> <|lvg|>), so text_vocab_size = 50305, then
-8192 codes and <mask> (58497); its <bos>, <eos> and <unk> are all Phi's <|endoftext|> (50256). See the "showo" preset.
+8192 codes and <mask> (58497); its <bos>, <eos> and <unk> are all Phi's <|endoftext|> (50256).
+See the "showo-256" preset.
 
 Architecture variants (the model's branches are in fastface/model.py):
 
@@ -291,15 +292,9 @@ PRESETS: dict[str, dict] = {
         max_answer_len=8, image_grid=16, num_experts=4, num_shared_experts=1, top_k=2, expert_ffn_size=192,
         shared_ffn_size=256, sem_dim=64, id_dim=64,
     ),
-    # Show-o / Phi-1.5 scale: memory planning and kernel benchmarks only
-    "showo-1b": dict(
-        text_vocab_size=50295, codebook_size=8192, hidden_size=2048, num_layers=24, num_heads=32, max_text_len=128,
-        max_answer_len=64, image_grid=16, num_experts=8, num_shared_experts=1, top_k=2, expert_ffn_size=2048,
-        shared_ffn_size=2048, sem_dim=768, id_dim=512,
-    ),
     # Show-o 256x256 as released: Phi-1.5 (parallel blocks, dense gelu MLP, half rotary, biases) over the Show-o
     # vocabulary (module docstring); the t2i prompt is Show-o's max_seq_length 128 + the <|t2i|> token
-    "showo": dict(
+    "showo-256": dict(
         text_vocab_size=50305, codebook_size=8192,
         # [PAD]; <bos>, <eos> and <unk> are <|endoftext|>; <|t2i|> <|mmu|> <|soi|> <|eoi|>
         special_token_ids=(50295, 50256, 50256, 50300, 50301, 50296, 50297, 50256),
@@ -308,6 +303,14 @@ PRESETS: dict[str, dict] = {
         rotary_fraction=0.5, bias=True,
     ),
 }
+# Show-o 512x512: the same backbone and vocabulary, 32 x 32 = 1024 image tokens
+PRESETS["showo-512"] = dict(PRESETS["showo-256"], image_size=512, image_grid=32)
+# UniF2ace at the paper's size: the Show-o backbone with the grouped token-level MoE (per group 1 shared + 8 routed
+# SwiGLU experts of 416, top-4) and the sequence-level MoE in place of the dense MLP: 1.81B parameters
+PRESETS["unif2ace-2b"] = dict(
+    PRESETS["showo-256"], mlp="moe", mlp_activation="swiglu", seq_moe=True, num_experts=8, num_shared_experts=1,
+    top_k=4, expert_ffn_size=416, shared_ffn_size=416, sem_dim=768, id_dim=512,
+)
 
 
 def cosine_schedule(ratio: float) -> float:

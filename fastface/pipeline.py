@@ -157,6 +157,41 @@ class Pipeline:
         answers = self.decoder.answer_ids(ids, **kwargs)
         return [self.decode_text(a) for a in answers]
 
+    # ------------------------------------------------------------------------------------------ logits
+    def logits(self, ids) -> torch.Tensor:
+        """Float32 logits [B, L, V] of ids [B, L] in the checkpoint's own vocabulary (``config.vocab_size`` ids).
+
+        A row with no image segment is plain causal language modelling (rotary positions 0..L-1, as transformers'
+        ``*ForCausalLM``: for parity with the checkpoint's source); rows with an image segment run under the
+        layout's attention (omni-attention: causal, with each image segment attending within itself; padding
+        skipped), as ``<t2i>`` (generation group) when they start with it and as understanding otherwise. One
+        full forward (the reference), no cache.
+        """
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
+            raise TypeError(f"ids must be a LongTensor [B, L], got {type(ids).__name__} "
+                            f"{getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}")
+        c = self.config
+        B, L = ids.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"ids must hold at least one row and one position, got shape {(B, L)}")
+        limit = c.max_text_len + c.image_tokens + 2 + MAX_NEW_TOKENS
+        if L > limit:
+            raise ValueError(f"ids has {L} positions; at most {limit} (max_text_len + image + answer)")
+        if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
+            raise ValueError(f"ids must lie in [0, {c.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        ids = ids.to(self.model.embed.weight.device)
+        with torch.no_grad():
+            segmented = (ids == c.soi_id).any(dim=1)
+            out = torch.empty(B, L, c.vocab_size, dtype=torch.float32, device=ids.device)
+            if bool((~segmented).any()):
+                out[~segmented] = self.model.causal_logits(ids[~segmented]).float()
+            if bool(segmented.any()):
+                rows = ids[segmented]
+                first = rows.gather(1, (rows != c.pad_id).int().argmax(dim=1, keepdim=True))[:, 0]
+                task = (first == c.t2i_id).long()  # 1 = generation group, 0 = understanding
+                out[segmented] = self.model(rows, task).logits.float()
+        return out
+
     @staticmethod
     def _seeds(seed, n) -> list[int]:
         if isinstance(seed, (list, tuple)):

@@ -583,7 +583,7 @@ def arg_run_dir(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--preset", default="face-s", help="model preset: tiny, face-s (default), showo-1b")
+    p.add_argument("--preset", default="face-s", help="model preset (fastface.config.PRESETS; default: face-s)")
     p.add_argument("--data", default="faceworld", choices=["faceworld", "synthetic"],
                    help="training data: the procedural face world (default) or random tokens (smoke runs)")
     p.add_argument("--faces", type=arg_positive_int, default=20000, help="face-world images in the training set")

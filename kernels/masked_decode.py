@@ -10,7 +10,7 @@ whole step can be captured in a CUDA graph):
 1. ``_masked_decode_sample_kernel``, one program per (b, n); known positions only copy their token and
    get confidence +inf, still-masked ones read their logits row(s), with
    z = ((1 + w) * cond - w * uncond) / tau_sample  (float32, rounded as the reference rounds):
-     rows of up to 8192 columns (the showo-1b codebook) are one block, read once: max z, e = exp(z - max z),
+     rows of up to 8192 columns (Show-o's codebook) are one block, read once: max z, e = exp(z - max z),
              its cumsum (tl.cumsum), total = the last cumsum value as in the reference, and the sample j = the
              count of columns with cumsum <= u1 * total (the smallest j with cumsum[j] > u1 * total)
      longer rows take two passes over blocks of BV = 4096 columns:
@@ -165,7 +165,7 @@ def _schedule_target(N: int, step: int, steps: int, schedule: str) -> int:
 
 
 def _block_v(V: int, block_v: int | None) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): whole rows up to 8192 columns (the showo-1b codebook) in one block, read once;
+    """(BLOCK_V, num_warps): whole rows up to 8192 columns (Show-o's codebook) in one block, read once;
     longer rows in 4096-column blocks, read twice (the second pass mostly from cache)."""
     if block_v is None:
         block_v = min(8192, max(16, triton.next_power_of_2(V)))

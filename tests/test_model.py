@@ -181,13 +181,17 @@ def test_specials_layout():
     assert EOS_ID == 2
 
 
-@pytest.mark.parametrize("name", ["tiny", "face-s", "showo-1b"])
+@pytest.mark.parametrize("name", ["tiny", "face-s", "showo-256", "showo-512", "unif2ace-2b"])
 def test_presets(name):
     cfg = FaceConfig.from_name(name)
     assert cfg.hidden_size % cfg.num_heads == 0
-    if name == "showo-1b":
-        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.codebook_size, cfg.image_tokens) == \
-            (2048, 24, 32, 8192, 256)
+    if name.startswith("showo"):  # Show-o's shapes: Phi-1.5 over 58498 ids; 256 or 1024 image tokens
+        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dense_ffn_size, cfg.vocab_size) == \
+            (2048, 24, 32, 8192, 58498)
+        assert cfg.image_tokens == {"showo-256": 256, "showo-512": 1024}[name]
+    if name == "unif2ace-2b":  # the paper's size, in bf16 well inside this machine's 24 GiB
+        assert 1.7e9 < cfg.num_parameters() < 1.9e9 and cfg.top_k == 4 and cfg.num_shared_experts == 1
+        assert cfg.num_parameters() * 2 < 8 * 2**30
     if name == "face-s":
         assert cfg.image_tokens == 256 and cfg.image_size == 64
         assert cfg.num_parameters() * 2 < 30e6, "face-s must ship under 30 MB in bf16"

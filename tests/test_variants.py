@@ -276,7 +276,7 @@ def test_num_parameters_of_every_preset(name):
 
 def test_showo_preset_is_showo():
     """Show-o 256: Phi-1.5 over 50295 text ids + 10 added tokens + 8192 codes + <mask> = 58498 ids."""
-    cfg = FaceConfig.from_name("showo")
+    cfg = FaceConfig.from_name("showo-256")
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dense_ffn_size, cfg.rotary_dim) == \
         (2048, 24, 32, 8192, 32)
     assert (cfg.block, cfg.mlp, cfg.mlp_activation, cfg.seq_moe, cfg.bias) == \
@@ -382,5 +382,5 @@ def test_config_round_trips_through_json():
     for name in VARIANTS:
         cfg = variant_config(name)
         assert FaceConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    showo = FaceConfig.from_name("showo")
+    showo = FaceConfig.from_name("showo-256")
     assert FaceConfig.from_dict(json.loads(json.dumps(showo.to_dict()))) == showo
