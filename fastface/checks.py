@@ -142,6 +142,26 @@ def arg_probability(text: str) -> float:
     return value
 
 
+def check_token_ids(ids, num_tokens: int, codebook_size: int):
+    """Codebook ids of images: an int64/int32 tensor or numpy array [B, num_tokens] in [0, codebook_size) -> int64
+    tensor (an image tokenizer's ``decode`` input)."""
+    import numpy as np
+    import torch
+
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(ids)
+    N, K = num_tokens, codebook_size
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"token ids must be an int64 tensor [B, {N}], got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be int64 [B, {N}], got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[1] != N:
+        raise ValueError(f"token ids must have shape [B, {N}], got {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
+        raise ValueError(f"token ids must lie in [0, {K}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    return ids.long()
+
+
 # ----------------------------------------------------------------------------------- decoding options
 
 

@@ -50,7 +50,7 @@ import torch
 
 from fastface import backends, ops
 from fastface.checks import check_decoding
-from fastface.config import EOI_ID, EOS_ID, GROUP_GENERATION, GROUP_UNDERSTANDING, PAD_ID, SOI_ID
+from fastface.config import GROUP_GENERATION, GROUP_UNDERSTANDING
 from fastface.model import (
     BlockContext,
     SeqMixture,
@@ -150,16 +150,17 @@ class Engine:
         model, c = self.model, self.config
         Bp, P = ids.shape
         task = torch.full((Bp,), group, dtype=torch.long, device=ids.device)
-        positions = default_positions(ids)
+        positions = default_positions(ids, pad_id=c.pad_id)
         cos, sin = model.rotary(positions)
         kv = StaticKVCache(c.num_layers, Bp, c.num_heads, P + extra, c.head_dim, dtype=self.dtype, device=ids.device)
-        ctx = BlockContext(mask=omni_attention_mask(ids)[:, None], cos=cos, sin=sin,
+        mask = omni_attention_mask(ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id)
+        ctx = BlockContext(mask=mask[:, None], cos=cos, sin=sin,
                            groups=task.repeat_interleave(P), task=task, cond_mask=cond_mask, e_sem=e_sem, e_id=e_id,
                            kv=kv, backend=self.backend)
         with timers.section("prefill", ids.device):
             x, _, routes = model.blocks(ids, ctx)
         kv.start = P
-        return _Prefix(kv, routes, ids != PAD_ID, positions[:, -1] + 1), x
+        return _Prefix(kv, routes, ids != c.pad_id, positions[:, -1] + 1), x
 
     def _uncond_prefix(self, timers) -> _Prefix:
         """Keys/values of the empty prompt, computed once per model state and shared by every uncond row."""
@@ -170,9 +171,8 @@ class Engine:
             self._uncond_cache = (key, prefix)
         return self._uncond_cache[1]
 
-    @staticmethod
-    def _t2i_cond_mask(ids):
-        return ids != PAD_ID  # a t2i prompt holds no <soi>: its non-pad tokens are the condition
+    def _t2i_cond_mask(self, ids):
+        return ids != self.model.config.pad_id  # a t2i prompt holds no <soi>: its non-pad tokens are the condition
 
     # ------------------------------------------------------------------------------------ text to image
     def _step_buffers(self, R: int, P: int) -> _StepBuffers:
@@ -259,8 +259,8 @@ class Engine:
         routes = [(torch.cat([p.routes[i][0].expand(B, -1) for p in parts]),
                    torch.cat([p.routes[i][1].expand(B, -1) for p in parts])) for i in range(c.num_layers)]
         mixtures = model.seq_mixtures(routes, buf.task)
-        buf.ids[:, 0] = SOI_ID
-        buf.ids[:, -1] = EOI_ID
+        buf.ids[:, 0] = c.soi_id
+        buf.ids[:, -1] = c.eoi_id
 
         # ---- the decoding loop
         tokens = torch.zeros(B, N, dtype=torch.long, device=device)
@@ -367,7 +367,7 @@ class Engine:
         prompt_ids = prompt_ids.to(device)
         B, L0 = prompt_ids.shape
         task = torch.full((B,), GROUP_UNDERSTANDING, dtype=torch.long, device=device)
-        cond_mask = prompt_ids != PAD_ID
+        cond_mask = prompt_ids != c.pad_id
         generators = None
         if top_p is not None:
             seeds = list(range(B)) if seeds is None else seeds
@@ -386,15 +386,15 @@ class Engine:
             for t in range(max_new_tokens):
                 with timers.section("sampler", device):
                     nxt = sample_next_token(logits, top_p=top_p, temperature=temperature, generators=generators)
-                    nxt = torch.where(done, torch.full_like(nxt, EOS_ID), nxt)
+                    nxt = torch.where(done, torch.full_like(nxt, c.eos_id), nxt)
                     for b, tok in enumerate(nxt.tolist()):
-                        if not done[b] and tok != EOS_ID:
+                        if not done[b] and tok != c.eos_id:
                             answers[b].append(tok)
-                    done |= nxt == EOS_ID
+                    done |= nxt == c.eos_id
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
                 start = L0 + t
-                valid[:, start] = nxt != PAD_ID  # a <pad> sample is fed but never attended to, as in the KV cache
+                valid[:, start] = nxt != c.pad_id  # a <pad> sample is fed but never attended to, as in the KV cache
                 cos, sin = model.rotary(position[:, None])  # [B, 1, 1, hd]
                 prefix.kv.start = start
                 ctx = BlockContext(mask=valid[:, None, None, : start + 1], cos=cos, sin=sin, groups=task, task=task,

@@ -14,7 +14,7 @@ import torch
 
 from fastface import ops
 from fastface.checks import check_decoding
-from fastface.config import EOS_ID, GROUP_GENERATION, GROUP_UNDERSTANDING, PAD_ID
+from fastface.config import GROUP_GENERATION, GROUP_UNDERSTANDING
 from fastface.model import KVCache
 from fastface.prompts import t2i_prompt_ids, t2i_sequence
 
@@ -79,7 +79,7 @@ def generate_image_tokens(
         image_ids = torch.where(masked, torch.full_like(tokens, cfg.mask_token_id), tokens + offset)
         if guidance != 0:
             image_ids = torch.cat([image_ids, image_ids])
-        out = model(t2i_sequence(prompt_ids, image_ids), task, e_sem=e_sem, e_id=e_id)
+        out = model(t2i_sequence(prompt_ids, image_ids, model.config), task, e_sem=e_sem, e_id=e_id)
         logits = out.logits[:, image_cols, offset : offset + K]  # [R, N, K] codebook columns only
         u = step_noise(seeds, step, N, device)
         tokens, masked = ops.masked_decode_step(
@@ -131,7 +131,8 @@ def generate_answer_ids(
     """
     B, device = prompt_ids.shape[0], prompt_ids.device
     task = torch.full((B,), GROUP_UNDERSTANDING, dtype=torch.long, device=device)
-    cond_mask = prompt_ids != PAD_ID
+    pad_id, eos_id = model.config.pad_id, model.config.eos_id
+    cond_mask = prompt_ids != pad_id
     generators = None
     if top_p is not None:
         seeds = list(range(B)) if seeds is None else seeds
@@ -146,11 +147,11 @@ def generate_answer_ids(
         if allowed_vocab is not None:
             logits = logits[:, :allowed_vocab]
         nxt = sample_next_token(logits, top_p=top_p, temperature=temperature, generators=generators)
-        nxt = torch.where(done, torch.full_like(nxt, EOS_ID), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         for b in range(B):
-            if not done[b] and int(nxt[b]) != EOS_ID:
+            if not done[b] and int(nxt[b]) != eos_id:
                 answers[b].append(int(nxt[b]))
-        done |= nxt == EOS_ID
+        done |= nxt == eos_id
         if bool(done.all()):
             break
         if use_cache:

@@ -44,7 +44,7 @@ from fastface.checks import (
     check_bounded,
     check_int,
 )
-from fastface.config import BOS_ID, EOI_ID, EOS_ID, MMU_ID, PAD_ID, SOI_ID, SPECIAL_TOKENS, FaceConfig
+from fastface.config import SPECIAL_TOKENS, FaceConfig
 from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
 from fastface.lr_schedule import lr_at
@@ -104,14 +104,14 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 def mmu_sequence(image_tokens, qa, config: FaceConfig):
     """``<mmu> <soi> img <eoi>`` then ``<bos> q a <eos>`` per pair -> (ids, is_answer, is_cond) lists."""
-    ids = [MMU_ID, SOI_ID, *[int(t) + config.image_token_offset for t in image_tokens], EOI_ID]
+    ids = [config.mmu_id, config.soi_id, *[int(t) + config.image_token_offset for t in image_tokens], config.eoi_id]
     is_answer = [False] * len(ids)
     is_cond = [True] * len(ids)
     for q, a in qa:
-        ids += [BOS_ID, *q]
+        ids += [config.bos_id, *q]
         is_answer += [False] * (len(q) + 1)
         is_cond += [True] * (len(q) + 1)
-        ids += [*a, EOS_ID]
+        ids += [*a, config.eos_id]
         is_answer += [True] * (len(a) + 1)
         is_cond += [False] * (len(a) + 1)
     return ids, is_answer, is_cond
@@ -144,10 +144,10 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
     prompts = t2i_prompt_ids([c for c, *_ in rows_t2i], config) if rows_t2i else None
     for i, (_, image, masked, m) in enumerate(rows_t2i):
         img_ids = torch.where(masked, torch.full_like(image, config.mask_token_id), image + off)
-        seq = t2i_sequence(prompts[i : i + 1], img_ids[None])[0]
+        seq = t2i_sequence(prompts[i : i + 1], img_ids[None], config)[0]
         seqs.append(seq.tolist())
         tasks.append(1)
-        conds.append((torch.arange(seq.shape[0]) < config.max_text_len) & (seq != PAD_ID))
+        conds.append((torch.arange(seq.shape[0]) < config.max_text_len) & (seq != config.pad_id))
         masked_t.append(masked)
         targets_t.append(image)
         ratio_t.append(m)
@@ -158,14 +158,14 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
         conds.append(torch.tensor(is_cond))
         answer_rows.append(torch.tensor(is_answer))
     L = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    input_ids = torch.full((len(seqs), L), config.pad_id, dtype=torch.long)
     cond_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
     for r, (s, c) in enumerate(zip(seqs, conds)):
         input_ids[r, L - len(s):] = torch.tensor(s)
         cond_mask[r, L - len(s):] = c
     Bt = len(rows_t2i)
     mmu_rows = torch.arange(Bt, len(seqs))
-    next_targets = torch.full((len(mmu_rows), L), PAD_ID, dtype=torch.long)
+    next_targets = torch.full((len(mmu_rows), L), config.pad_id, dtype=torch.long)
     answer_mask = torch.zeros(len(mmu_rows), L, dtype=torch.bool)
     for j, is_answer in enumerate(answer_rows):
         ids = input_ids[Bt + j]
@@ -523,7 +523,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         global_loss = float(all_reduce_sum(loss.detach().float()))
-        tokens_seen += int((batch.input_ids != PAD_ID).sum()) * world
+        tokens_seen += int((batch.input_ids != config.pad_id).sum()) * world
         record = {"step": step + 1, "loss": global_loss, "grad_norm": float(grad_norm), **stats}
         history.append(record)
         if bar is not None:

@@ -34,7 +34,7 @@ def tiny_model(seed=0):
 
 
 def t2i_ids(texts, image_ids):
-    return t2i_sequence(t2i_prompt_ids(texts, CFG), image_ids)
+    return t2i_sequence(t2i_prompt_ids(texts, CFG), image_ids, CFG)
 
 
 # ----------------------------------------------------------------------------------------- masks

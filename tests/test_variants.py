@@ -141,7 +141,7 @@ def test_partial_rotary_refuses_head_wide_tables(variant):
 
 
 def t2i_example(cfg: FaceConfig) -> torch.Tensor:
-    return t2i_sequence(t2i_prompt_ids([[9, 10], [11]], cfg), torch.full((2, cfg.image_tokens), cfg.mask_token_id))
+    return t2i_sequence(t2i_prompt_ids([[9, 10], [11]], cfg), torch.full((2, cfg.image_tokens), cfg.mask_token_id), cfg)
 
 
 def test_each_field_changes_the_network():
@@ -305,7 +305,7 @@ def test_forward_reads_the_special_ids_from_the_config():
                        "lm_head.weight": state["lm_head.weight"][inverse]})
     b.set_backend("reference")
     img = torch.randint(0, a_cfg.codebook_size, (2, a_cfg.image_tokens), generator=torch.Generator().manual_seed(0))
-    t2i = t2i_sequence(t2i_prompt_ids([[9, 57], [60]], a_cfg), img + a_cfg.image_token_offset)
+    t2i = t2i_sequence(t2i_prompt_ids([[9, 57], [60]], a_cfg), img + a_cfg.image_token_offset, a_cfg)
     mmu = mmu_prompt_ids(img, [[20, 58, 21], [59]], a_cfg)
     for ids, task in ((t2i, torch.tensor([1, 1])), (mmu, torch.tensor([0, 0]))):
         with torch.no_grad():

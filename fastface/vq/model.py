@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.checks import check_config_float, check_config_int, check_config_ints
+from fastface.checks import check_config_float, check_config_int, check_config_ints, check_token_ids
 from fastface.config import MAX_IMAGE_SIZE, MAX_VOCAB
 from fastface.weights import CheckpointError, load_module, save_module, stored_config
 
@@ -278,18 +278,7 @@ class VQModel(nn.Module):
         return images
 
     def _check_ids(self, ids) -> torch.Tensor:
-        if isinstance(ids, np.ndarray):
-            ids = torch.from_numpy(ids)
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"token ids must be an int64 tensor [B, N], got {type(ids).__name__}")
-        N, K = self.config.num_tokens, self.config.codebook_size
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"token ids must be int64 [B, {N}], got dtype {ids.dtype}")
-        if ids.dim() != 2 or ids.shape[1] != N:
-            raise ValueError(f"token ids must have shape [B, {N}], got {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
-            raise ValueError(f"token ids must lie in [0, {K}), got values in [{int(ids.min())}, {int(ids.max())}]")
-        return ids.long()
+        return check_token_ids(ids, self.config.num_tokens, self.config.codebook_size)
 
     @staticmethod
     def to_pixels(x: torch.Tensor) -> torch.Tensor:
