@@ -142,6 +142,24 @@ def arg_probability(text: str) -> float:
     return value
 
 
+def check_uint8_images(images, size: int):
+    """Pixels of images: a uint8 tensor or numpy array [B, size, size, 3] -> uint8 tensor (an image tokenizer's
+    ``encode`` input)."""
+    import numpy as np
+    import torch
+
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    S = size
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a uint8 tensor or array [B, {S}, {S}, 3], got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 [B, {S}, {S}, 3], got dtype {images.dtype}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (S, S, 3):
+        raise ValueError(f"images must have shape [B, {S}, {S}, 3], got {tuple(images.shape)}")
+    return images
+
+
 def check_token_ids(ids, num_tokens: int, codebook_size: int):
     """Codebook ids of images: an int64/int32 tensor or numpy array [B, num_tokens] in [0, codebook_size) -> int64
     tensor (an image tokenizer's ``decode`` input)."""

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.checks import check_config_float, check_config_int, check_config_ints, check_token_ids
+from fastface.checks import (
+    check_config_float,
+    check_config_int,
+    check_config_ints,
+    check_token_ids,
+    check_uint8_images,
+)
 from fastface.config import MAX_IMAGE_SIZE, MAX_VOCAB
 from fastface.weights import CheckpointError, load_module, save_module, stored_config
 
@@ -266,16 +272,7 @@ class VQModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- tensors
     def _check_images(self, images) -> torch.Tensor:
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a uint8 tensor or array [B, S, S, 3], got {type(images).__name__}")
-        S = self.config.image_size
-        if images.dtype != torch.uint8:
-            raise TypeError(f"images must be uint8 [B, {S}, {S}, 3], got dtype {images.dtype}")
-        if images.dim() != 4 or tuple(images.shape[1:]) != (S, S, 3):
-            raise ValueError(f"images must have shape [B, {S}, {S}, 3], got {tuple(images.shape)}")
-        return images
+        return check_uint8_images(images, self.config.image_size)
 
     def _check_ids(self, ids) -> torch.Tensor:
         return check_token_ids(ids, self.config.num_tokens, self.config.codebook_size)
