@@ -201,7 +201,7 @@ def check_bounded(name: str, value, lo: float, hi: float) -> float:
 
 
 def check_decoding(*, steps, guidance, sample_temperature, confidence_temperature, schedule, threshold=None,
-                   schedules=("cosine", "linear")) -> None:
+                   confidence_compounding=False, schedules=("cosine", "linear")) -> None:
     """The options of a masked-decoding run, checked once before any work (the reference loop and the engine)."""
     check_int("steps", steps, 1, MAX_STEPS)
     check_bounded("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
@@ -210,6 +210,8 @@ def check_decoding(*, steps, guidance, sample_temperature, confidence_temperatur
     check_choice("schedule", schedule, schedules)
     if threshold is not None:
         check_probability("threshold", threshold)
+    if not isinstance(confidence_compounding, bool):
+        raise TypeError(f"confidence_compounding must be True or False, got {type(confidence_compounding).__name__}")
 
 
 # ------------------------------------------------------------------------------------ saved-model configs

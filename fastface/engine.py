@@ -60,7 +60,7 @@ from fastface.model import (
 )
 from fastface.profiling import OFF, SECTIONS, Timers
 from fastface.prompts import t2i_prompt_ids
-from fastface.sampling import sample_next_token, step_noise
+from fastface.sampling import sample_next_token, step_confidence_temperature, step_noise
 
 
 @dataclass
@@ -212,6 +212,7 @@ class Engine:
         confidence_temperature: float = 4.5,
         schedule: str = "cosine",
         threshold: float | None = None,
+        confidence_compounding: bool = False,
         e_sem: torch.Tensor | None = None,
         e_id: torch.Tensor | None = None,
         callback=None,
@@ -222,8 +223,9 @@ class Engine:
         Parameters
         ----------
         prompt_ids : LongTensor [B, P] left-padded t2i prompts (``fastface.prompts.t2i_prompt_ids``)
-        steps, guidance, seeds, sample_temperature, confidence_temperature, schedule, threshold : as
-            ``fastface.sampling.generate_image_tokens`` (``threshold``: opt-in confidence-threshold decoding)
+        steps, guidance, seeds, sample_temperature, confidence_temperature, schedule, threshold,
+        confidence_compounding : as ``fastface.sampling.generate_image_tokens`` (``threshold``: opt-in
+            confidence-threshold decoding; ``confidence_compounding``: Show-o's quirk, off by default)
         e_sem, e_id : accepted for parity with the reference; the generation group's sequence experts (copy,
             zero, noise, copy) read neither
         callback : called as callback(step, tokens [B, N], masked [B, N]) after each step
@@ -231,7 +233,8 @@ class Engine:
         """
         timers = timers or OFF
         check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
-                       confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold)
+                       confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
+                       confidence_compounding=confidence_compounding)
         c, model, device = self.config, self.model, self.device
         prompt_ids = prompt_ids.to(device)
         B, P = prompt_ids.shape
@@ -295,7 +298,9 @@ class Engine:
                 with timers.section("sampler", device):
                     tokens, masked = ops.masked_decode_step(
                         logits_full, tokens, masked, u, step=step, steps=steps, guidance=guidance,
-                        sample_temperature=sample_temperature, confidence_temperature=confidence_temperature,
+                        sample_temperature=sample_temperature,
+                        confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
+                                                                           compounding=confidence_compounding),
                         schedule=schedule, threshold=threshold, backend=self.backend)
                 if callback is not None:
                     callback(step, tokens, masked)

@@ -69,14 +69,18 @@ class Pipeline:
     # ------------------------------------------------------------------------------------ generation
     def generate_tokens(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, *,
                         sample_temperature: float = 1.0, confidence_temperature: float = 4.5,
-                        schedule: str = "cosine", threshold: float | None = None, callback=None) -> torch.Tensor:
+                        schedule: str = "cosine", threshold: float | None = None, confidence_compounding: bool = False,
+                        callback=None) -> torch.Tensor:
         """Codebook ids [B, N] (int64) of one image per prompt.
 
         ``seed`` is an int (prompt b uses seed + b) or one seed per prompt; a prompt's tokens depend only on
         its own seed, never on the rest of the batch. ``backend="reference"`` runs the reference loop (a full
         forward every step); every other backend runs the engine, which returns the same tokens.
         ``threshold`` (opt-in, every backend) also accepts every masked token whose sampled probability reaches
-        it, so decoding may finish in fewer steps. ``callback(step, tokens, masked)`` runs after each step.
+        it, so decoding may finish in fewer steps. ``confidence_compounding`` is Show-o's compounding confidence
+        temperature (off by default; ``fastface.sampling.DECODING_PRESETS`` holds Show-o's settings:
+        ``pipe.generate_tokens(prompts, **DECODING_PRESETS["showo-256"])``). ``callback(step, tokens, masked)``
+        runs after each step.
         """
         prompts = check_strings("prompts", prompts)
         seeds = self._seeds(seed, len(prompts))
@@ -84,7 +88,8 @@ class Pipeline:
         return self.decoder.image_tokens(ids, steps=steps, guidance=guidance, seeds=seeds,
                                          sample_temperature=sample_temperature,
                                          confidence_temperature=confidence_temperature, schedule=schedule,
-                                         threshold=threshold, callback=callback)
+                                         threshold=threshold, confidence_compounding=confidence_compounding,
+                                         callback=callback)
 
     def generate(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, **kwargs):
         """One PIL image per prompt (decoded by the image tokenizer)."""

@@ -34,6 +34,33 @@ def step_noise(seeds: list[int], step: int, num_tokens: int, device="cpu") -> to
 # ------------------------------------------------------------------------------------ the decoding loops
 
 
+def step_confidence_temperature(base: float, step: int, steps: int, *, compounding: bool = False) -> float:
+    """The confidence temperature handed to ``ops.masked_decode_step`` at ``step`` (the op scales it by 1 - ratio).
+
+    ``compounding=True`` reproduces a quirk of Show-o's ``t2i_generate``: it reassigns ``temperature *= 1 - ratio``
+    every step, so the Gumbel noise at step s is ``base * prod_{k<=s} (1 - (k + 1) / steps)`` rather than
+    ``base * (1 - (s + 1) / steps)``, which decays much faster. Off by default; on in the Show-o decoding presets
+    (``DECODING_PRESETS``), for parity with checkpoints tuned under it. Computed in Python floats, the same for the
+    reference loop and the engine.
+    """
+    if not compounding:
+        return base
+    t = base
+    for k in range(step):
+        t *= 1.0 - (k + 1) / steps
+    return t
+
+
+# Show-o's own decoding settings, by image size (its released configs): pass as keyword arguments to
+# Pipeline.generate / generate_tokens, e.g. ``pipe.generate(prompts, **DECODING_PRESETS["showo-256"])``
+DECODING_PRESETS: dict[str, dict] = {
+    "showo-256": dict(steps=16, guidance=1.75, sample_temperature=1.0, confidence_temperature=1.0, schedule="cosine",
+                      confidence_compounding=True),
+    "showo-512": dict(steps=50, guidance=5.0, sample_temperature=1.0, confidence_temperature=1.0, schedule="cosine",
+                      confidence_compounding=True),
+}
+
+
 @torch.no_grad()
 def generate_image_tokens(
     model,
@@ -46,6 +73,7 @@ def generate_image_tokens(
     confidence_temperature: float = 4.5,
     schedule: str = "cosine",
     threshold: float | None = None,
+    confidence_compounding: bool = False,
     backend: str = "auto",
     e_sem: torch.Tensor | None = None,
     e_id: torch.Tensor | None = None,
@@ -54,11 +82,14 @@ def generate_image_tokens(
     """Reference t2i sampler (Show-o ``t2i_generate``): a full forward over prompt and image every step.
 
     prompt_ids [B, P] left-padded t2i prompts (``fastface.prompts.t2i_prompt_ids``); returns codebook ids
-    [B, N]. With guidance, the unconditional rows use the empty prompt and run in the same batch. ``threshold``
-    (opt-in) is the op's confidence-threshold decoding; the loop then ends once nothing is masked.
+    [B, N]. With guidance, the unconditional rows use the empty prompt and run in the same batch; the guided
+    logits are Show-o's ``(1 + w) * cond - w * uncond``. ``threshold`` (opt-in) is the op's confidence-threshold
+    decoding; the loop then ends once nothing is masked. ``confidence_compounding``: Show-o's compounding
+    confidence temperature (``step_confidence_temperature``), off by default.
     """
     check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
-                   confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold)
+                   confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
+                   confidence_compounding=confidence_compounding)
     cfg = model.config
     B, N, device = prompt_ids.shape[0], cfg.image_tokens, prompt_ids.device
     offset, K, P = cfg.image_token_offset, cfg.codebook_size, prompt_ids.shape[1]
@@ -84,7 +115,9 @@ def generate_image_tokens(
         u = step_noise(seeds, step, N, device)
         tokens, masked = ops.masked_decode_step(
             logits, tokens, masked, u, step=step, steps=steps, guidance=guidance,
-            sample_temperature=sample_temperature, confidence_temperature=confidence_temperature,
+            sample_temperature=sample_temperature,
+            confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
+                                                               compounding=confidence_compounding),
             schedule=schedule, threshold=threshold, backend=backend,
         )
         if callback is not None:
