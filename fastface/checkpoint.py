@@ -75,7 +75,7 @@ def save_state(path, config: FaceConfig, state: dict, tokenizer, image_tokenizer
                                   f"{tuple(want.shape)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vq_config = image_tokenizer.config.to_dict() if image_tokenizer is not None else None
+    vq_config = _image_tokenizer_dict(image_tokenizer) if image_tokenizer is not None else None
     meta = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": dtype,
             "model": config.to_dict(), "image_tokenizer": vq_config}
     save_weights(path / "model.safetensors", {k: state[k] for k in expected}, config=meta, dtype=DTYPES[dtype])
@@ -151,6 +151,27 @@ def load_tokenizer(file: Path, config: FaceConfig):
     return text_only(tokenizer)
 
 
+def image_tokenizer_config(data: dict):
+    """The image tokenizer a checkpoint's ``image_tokenizer`` config describes -> (module class, its config):
+    fastface's VQ model, or MAGVIT-v2 (Show-o's) when the dict says ``"_class_name": "MAGVITv2"``."""
+    if not isinstance(data, dict):
+        raise TypeError(f"image tokenizer config must be a JSON object, got {type(data).__name__}")
+    from fastface.vq.magvit import CLASS_NAMES, MagvitConfig, MagvitTokenizer
+
+    if data.get("_class_name") in CLASS_NAMES:
+        return MagvitTokenizer, MagvitConfig.from_dict(data)
+    from fastface.vq.model import VQConfig, VQModel
+
+    return VQModel, VQConfig.from_dict(data)
+
+
+def _image_tokenizer_dict(image_tokenizer) -> dict:
+    from fastface.vq.magvit import MagvitTokenizer
+
+    out = image_tokenizer.config.to_dict()
+    return {"_class_name": "MAGVITv2", **out} if isinstance(image_tokenizer, MagvitTokenizer) else out
+
+
 def load_bytes(num_parameters: int, stored: torch.dtype, dtype: torch.dtype) -> int:
     """Peak bytes of memory ``load_checkpoint`` takes for a transformer of ``num_parameters``: the tensors read from
     the file (at the ``stored`` dtype) stay alive while the model is built in float32; on top of both, float32
@@ -176,19 +197,17 @@ def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    vq_config = None
+    vq_config = vq_class = None
     if config.get("image_tokenizer") is not None:
-        from fastface.vq.model import VQConfig, VQModel
-
         try:
-            vq_config = VQConfig.from_dict(config["image_tokenizer"])
+            vq_class, vq_config = image_tokenizer_config(config["image_tokenizer"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path / 'config.json'}: field 'image_tokenizer': {exc}") from None
     # the memory estimate, before anything is allocated (the image tokenizer's size from a meta skeleton)
     need = load_bytes(cfg.num_parameters(), stored, dtype or torch.float32)
     if vq_config is not None:
         with torch.device("meta"):
-            need += 2 * module_nbytes(VQModel(vq_config))
+            need += 2 * module_nbytes(vq_class(vq_config))
     check_memory(need, str(path))
     with torch.device("meta"):
         skeleton = FaceTransformer(cfg)
@@ -197,7 +216,7 @@ def load_checkpoint(path, *, dtype: torch.dtype | str | None = None):
     tokenizer = load_tokenizer(path / "tokenizer.json", cfg)
     image_tokenizer = None
     if vq_config is not None:
-        image_tokenizer = load_module(path / "image_tokenizer.safetensors", lambda: VQModel(vq_config)).eval()
+        image_tokenizer = load_module(path / "image_tokenizer.safetensors", lambda: vq_class(vq_config)).eval()
     model = FaceTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model = model.to(dtype or torch.float32).eval()

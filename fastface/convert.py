@@ -1,6 +1,7 @@
 """Weights of other models as fastface checkpoints: key names, layouts and configs.
 
-    fastface convert showo SRC DST [--backbone-config PHI.json] [--tokenizer TOKENIZER.json] [--dtype bfloat16]
+    fastface convert showo SRC DST [--backbone-config PHI.json] [--tokenizer TOKENIZER.json] [--vq MAGVIT_DIR]
+                                   [--dtype bfloat16]
 
 A converter maps a state dict onto a ``FaceConfig`` that describes the same network (the variant fields do the
 describing, see fastface/config.py), so the model runs it unchanged. Every source key is used exactly once; a key
@@ -103,8 +104,9 @@ def read_json(file: Path, what: str) -> dict:
     return data
 
 
-def showo_config(showo: dict, phi: dict, *, eos_id: int, file: Path) -> FaceConfig:
-    """The FaceConfig of a Show-o checkpoint: its config.json fields ``showo`` over the backbone's ``phi``."""
+def showo_config(showo: dict, phi: dict, *, eos_id: int, file: Path, image_size: int | None = None) -> FaceConfig:
+    """The FaceConfig of a Show-o checkpoint: its config.json fields ``showo`` over the backbone's ``phi``;
+    ``image_size`` in pixels (default: 16 per token a side, MAGVIT-v2's downsampling)."""
     unknown = sorted(k for k in showo if k not in SHOWO_FIELDS and not k.startswith("_"))
     if unknown:
         raise CheckpointError(f"{file}: unknown Show-o config field(s) {unknown}")
@@ -140,7 +142,8 @@ def showo_config(showo: dict, phi: dict, *, eos_id: int, file: Path) -> FaceConf
     try:
         fields = dict(
             PRESETS[base], name=f"showo-{16 * grid}", text_vocab_size=text + specials, codebook_size=codes,
-            image_grid=grid, image_size=16 * grid, hidden_size=phi["hidden_size"], num_layers=phi["num_hidden_layers"],
+            image_grid=grid, image_size=image_size or 16 * grid, hidden_size=phi["hidden_size"],
+            num_layers=phi["num_hidden_layers"],
             num_heads=heads, dense_ffn_size=phi["intermediate_size"], rope_theta=float(phi["rope_theta"]),
             layer_norm_eps=float(phi["layer_norm_eps"]), rotary_fraction=float(phi["partial_rotary_factor"]),
             special_token_ids=(pad, eos_id, eos_id, t2i, mmu, soi, eoi, eos_id))
@@ -205,11 +208,13 @@ def showo_tokenizer(file: Path, text_vocab: int):
     return tokenizer
 
 
-def convert_showo(src, dst, *, backbone_config=None, tokenizer=None, dtype: str | None = None) -> Path:
+def convert_showo(src, dst, *, backbone_config=None, tokenizer=None, vq=None, dtype: str | None = None) -> Path:
     """A Show-o checkpoint directory ``src`` -> a fastface checkpoint directory ``dst`` (returned).
 
     ``backbone_config``: a transformers PhiConfig json (default: Phi-1.5's shape, which Show-o's
     ``llm_model_path`` must then name). ``tokenizer``: the backbone's tokenizer.json (default: ``src``'s).
+    ``vq``: Show-o's MAGVIT-v2 image tokenizer (a directory with config.json + model.safetensors, or the file),
+    so the checkpoint returns images; its token count and codebook must be the Show-o config's.
     ``dtype``: of the written weights (default: as stored). Raises ``CheckpointError`` naming the file, field or
     key for anything that does not fit.
     """
@@ -235,7 +240,18 @@ def convert_showo(src, dst, *, backbone_config=None, tokenizer=None, dtype: str 
     eos = phi.get("eos_token_id")
     if not isinstance(eos, int) or not isinstance(text, int) or not 0 <= eos < text:
         raise CheckpointError(f"the backbone's eos_token_id {eos!r} must be a text id below llm_vocab_size {text!r}")
-    config = showo_config(showo, phi, eos_id=eos, file=src / "config.json")
+    image_tokenizer = None
+    if vq is not None:
+        from fastface.vq.magvit import MagvitTokenizer
+
+        image_tokenizer = MagvitTokenizer.load(vq)
+        got = (image_tokenizer.config.num_tokens, image_tokenizer.config.codebook_size)
+        want = (showo.get("num_vq_tokens"), showo.get("codebook_size"))
+        if got != want:
+            raise CheckpointError(f"{vq}: the image tokenizer makes {got[0]} tokens of {got[1]} codes; the Show-o "
+                                  f"config says num_vq_tokens {want[0]}, codebook_size {want[1]}")
+    config = showo_config(showo, phi, eos_id=eos, file=src / "config.json",
+                          image_size=image_tokenizer.config.resolution if image_tokenizer is not None else None)
     tok = showo_tokenizer(tok_file, text)
     if tok.token_to_id("<|endoftext|>") != eos:
         raise CheckpointError(f"{tok_file}: <|endoftext|> is id {tok.token_to_id('<|endoftext|>')}, the backbone's "
@@ -252,7 +268,7 @@ def convert_showo(src, dst, *, backbone_config=None, tokenizer=None, dtype: str 
     stored = dtype or (dtype_name(floats.pop()) if len(floats) == 1 else "float32")
     if stored not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {stored!r}")
-    return save_state(dst, config, state, tok, dtype=stored)
+    return save_state(dst, config, state, tok, image_tokenizer, dtype=stored)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,13 +281,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--backbone-config", default=None,
                    help="transformers PhiConfig json of the backbone (default: Phi-1.5's shape)")
     s.add_argument("--tokenizer", default=None, help="the backbone's tokenizer.json (default: SRC/tokenizer.json)")
+    s.add_argument("--vq", default=None, help="Show-o's MAGVIT-v2 image tokenizer (a directory with config.json and "
+                   "model.safetensors): the converted checkpoint then returns images, not only tokens")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="dtype of the written weights "
                    "(default: as stored)")
 
 
 def run(args) -> int:
     out = convert_showo(args.src, args.dst, backbone_config=args.backbone_config, tokenizer=args.tokenizer,
-                        dtype=args.dtype)
+                        vq=args.vq, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 

@@ -225,3 +225,30 @@ def test_converted_model_engine_equals_reference(tmp_path):
     image = want
     questions = ["w11 w12", "w13", "w14 w15 w16"]
     assert fast.answer(image, questions, max_new_tokens=5) == ref.answer(image, questions, max_new_tokens=5)
+
+
+def test_with_the_magvit_tokenizer_images_come_back(tmp_path):
+    """--vq: Show-o's MAGVIT-v2 tokenizer rides along; the converted pipeline draws images and reads them."""
+    from fastface.vq.magvit import MagvitTokenizer
+
+    vq = MagvitTokenizer.from_name("tiny").eval()  # 32 px -> 16 x 16 = 256 tokens of 64 codes
+    vq.save_pretrained(tmp_path / "magvit")
+    write_showo(tmp_path / "showo", codes=64, vq_tokens=256)
+    assert main(["convert", "showo", str(tmp_path / "showo"), str(tmp_path / "ff"), "--backbone-config",
+                 str(tmp_path / "phi.json"), "--vq", str(tmp_path / "magvit")]) == 0
+    pipe = fastface.load(tmp_path / "ff")
+    assert isinstance(pipe.image_tokenizer, MagvitTokenizer) and pipe.config.image_size == 32
+    state, again = vq.state_dict(), pipe.image_tokenizer.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    images = pipe.generate(["w1 w2"], steps=2, seed=0)
+    assert images[0].size == (32, 32)
+    assert pipe.encode_images(images).shape == (1, 256)
+
+
+def test_a_magvit_that_does_not_fit_is_refused(tmp_path):
+    from fastface.vq.magvit import MagvitTokenizer
+
+    MagvitTokenizer.from_name("tiny").save_pretrained(tmp_path / "magvit")
+    write_showo(tmp_path / "showo")  # 16 tokens of 32 codes: not the tokenizer's 256 of 64
+    with pytest.raises(CheckpointError, match="256 tokens of 64 codes.*num_vq_tokens 16, codebook_size 32"):
+        _convert(tmp_path, vq=tmp_path / "magvit")
