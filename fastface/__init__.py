@@ -22,4 +22,14 @@ def load(path=None, *, backend="auto", dtype="float32"):
     return _load(path, backend=backend, dtype=dtype)
 
 
-__all__ = ["FaceConfig", "PRESETS", "load", "ops", "__version__"]
+def load_perception(path=None, *, dtype=None):
+    """Load the face perception model (default: the shipped face-s Faceptor) as a ``Perceptor``: ``perceive(images)``
+    -> landmarks, parsing, age, expression, attributes, identity per face; ``verify(a, b)``."""
+    import torch
+
+    from fastface.perception.perceptor import load_perception as _load_perception
+
+    return _load_perception(path, dtype=torch.float32 if dtype is None else dtype)
+
+
+__all__ = ["FaceConfig", "PRESETS", "load", "load_perception", "ops", "__version__"]

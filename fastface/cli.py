@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, helptext in (("train", "fastface.train", "train a model"),
                                    ("eval", "fastface.evaluate", "evaluate a checkpoint"),
                                    ("serve", "fastface.server", "serve the model over HTTP (OpenAI-compatible)"),
-                                   ("convert", "fastface.convert", "convert another model's checkpoint")):
+                                   ("convert", "fastface.convert", "convert another model's checkpoint"),
+                                   ("perceive", "fastface.perception.cli",
+                                    "landmarks, parsing, attributes and identity of face images")):
         _add_delegated(sub, name, module, helptext)
     return parser
 
@@ -298,7 +300,8 @@ def cmd_delegated(args):
 
 
 COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,
-            "eval": cmd_delegated, "serve": cmd_delegated, "convert": cmd_delegated}
+            "eval": cmd_delegated, "serve": cmd_delegated, "convert": cmd_delegated,
+            "perceive": cmd_delegated}
 
 
 def main(argv=None) -> int:
@@ -318,4 +321,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's own module, not this __main__ copy: subcommand modules raise fastface.cli.CLIError, which
+    # would be another class than __main__.CLIError and escape as a traceback
+    from fastface.cli import main as _package_main
+
+    sys.exit(_package_main())

@@ -225,20 +225,27 @@ def _draw(attrs: FaceAttributes, pose: _Pose, makeup: bool) -> tuple[_Canvas, np
     if attrs.gender == "man" and attrs.face_shape in ("oval", "long"):  # a broader jaw
         c.rect(cx - 0.8 * fw, cy + 0.2 * fh, cx + 0.8 * fw, cy + 0.92 * fh, skin, SKIN, radius=0.35 * fw)
 
-    # --- age: wrinkles
+    # --- age: wrinkles. Both older ages have nasolabial folds, crow's feet at the outer eye corners and a
+    # forehead line just above the brows (below any fringe); old faces add two high forehead lines, under-eye
+    # bags and marionette lines (and have grey or white hair). The middle-aged cues sit where hair, hats and
+    # glasses leave skin bare.
     if attrs.age != "young":
         old = attrs.age == "old"
-        c.arc(cx, eye_y - 7.2 * s, 5.5 * s, 1.6 * s, 200, 340, shade, None, 0.55)
+        wrinkle = _mix(skin, (30, 15, 8), 0.45)  # dark enough to show on every skin tone
+        c.arc(cx, eye_y - 6.4 * s, 5.0 * s, 1.4 * s, 200, 340, wrinkle, None, 0.8)
+        for side in (-1, 1):
+            c.line([(cx + side * 2.8 * s, nose_y - 1.0), (cx + side * (mouth_w + 1.6), mouth_y + 1.2)], wrinkle,
+                   None, 0.8)
+            x0 = cx + side * (eye_dx + 3.4 * s)
+            for dy in (-0.9, 0.9):  # crow's feet
+                c.line([(x0, eye_y + 0.3 * dy), (x0 + side * 1.7 * s, eye_y + dy * s)], wrinkle, None, 0.7)
         if old:
-            c.arc(cx, eye_y - 8.9 * s, 6.0 * s, 1.6 * s, 200, 340, shade, None, 0.55)
-            for side in (-1, 1):  # under-eye bags and nasolabial folds
-                c.arc(cx + side * eye_dx, eye_y + 2.2 * s, 2.8 * s, 1.3 * s, 20, 160, shade, None, 0.5)
-                c.line([(cx + side * 2.8 * s, nose_y - 1.0), (cx + side * (mouth_w + 1.6), mouth_y + 1.2)], shade,
-                       None, 0.55)
-        else:
-            for side in (-1, 1):
-                c.line([(cx + side * 3.0 * s, nose_y), (cx + side * (mouth_w + 1.2), mouth_y + 0.6)],
-                       _mix(skin, shade, 0.6), None, 0.45)
+            c.arc(cx, eye_y - 8.2 * s, 5.5 * s, 1.6 * s, 200, 340, wrinkle, None, 0.7)
+            c.arc(cx, eye_y - 9.9 * s, 6.0 * s, 1.6 * s, 200, 340, wrinkle, None, 0.7)
+            for side in (-1, 1):  # under-eye bags and marionette lines down from the mouth corners
+                c.arc(cx + side * eye_dx, eye_y + 2.2 * s, 2.8 * s, 1.3 * s, 20, 160, wrinkle, None, 0.7)
+                c.line([(cx + side * (mouth_w + 0.8), mouth_y + 1.0), (cx + side * (mouth_w + 0.3), mouth_y + 4.2)],
+                       wrinkle, None, 0.7)
 
     # --- makeup: blush and eye shadow (drawn under the eyes and brows)
     if makeup and attrs.blush == "yes":

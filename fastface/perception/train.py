@@ -47,26 +47,29 @@ def visible_labels(attrs_list) -> np.ndarray:
 
 
 def identity_pairs(n_pairs: int, seed: int = 0, *, n_identities: int = HELD_OUT_IDENTITIES,
-                   identity_offset: int = 0) -> dict:
+                   identity_offset: int = 0, start: int = 0) -> dict:
     """``2 * n_pairs`` faces: rows 2k and 2k+1 are one person (identity attributes shared; hair, accessories,
-    makeup, clothes, background, pose and lighting drawn separately). Deterministic per seed.
+    makeup, clothes, background, pose and lighting drawn separately). Deterministic per seed; pair k depends on
+    (seed, k) alone, so pairs ``start`` ... ``start + n_pairs - 1`` of a longer list can be rendered on their own.
 
-    Returns ``images`` uint8 [2n, 64, 64, 3], ``labels`` int64 [2n, n_attributes] (unseen values ``IGNORE``),
-    ``identity`` int64 [2n] and ``attrs``.
+    Returns ``images`` uint8 [2n, 64, 64, 3], ``parsing`` uint8 [2n, 64, 64], ``landmarks`` float32 [2n, K, 2],
+    ``labels`` int64 [2n, n_attributes] (unseen values ``IGNORE``), ``identity`` int64 [2n] and ``attrs``.
     """
     from fastface.data.attributes import sample_attributes
-    from fastface.data.renderer import render
+    from fastface.data.renderer import LANDMARKS, render
 
-    images, attrs_list = [], []
-    for k in range(n_pairs):
+    faces, attrs_list = [], []
+    for k in range(start, start + n_pairs):
         rng = np.random.default_rng([int(seed), k, 0x1D2])
         identity = identity_offset + int(rng.integers(n_identities))
         for _ in range(2):
             attrs = sample_attributes(rng, identity=identity)
-            images.append(render(attrs, seed=int(rng.integers(2**31))).image)
+            faces.append(render(attrs, seed=int(rng.integers(2**31))))
             attrs_list.append(attrs)
-    images = np.stack(images) if images else np.zeros((0, 64, 64, 3), np.uint8)
-    return {"images": images, "labels": visible_labels(attrs_list),
+    images = np.stack([f.image for f in faces]) if faces else np.zeros((0, 64, 64, 3), np.uint8)
+    parsing = np.stack([f.parsing for f in faces]) if faces else np.zeros((0, 64, 64), np.uint8)
+    landmarks = np.stack([f.landmarks for f in faces]) if faces else np.zeros((0, len(LANDMARKS), 2), np.float32)
+    return {"images": images, "parsing": parsing, "landmarks": landmarks, "labels": visible_labels(attrs_list),
             "identity": np.array([a.identity for a in attrs_list], dtype=np.int64), "attrs": attrs_list}
 
 
