@@ -285,15 +285,17 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
             result["generation"] = {"skipped": "no image tokenizer"}
         else:
             if classifier is None:
-                from fastface.perception import AttributeClassifier
+                from fastface.perception.judge import Judge
 
-                classifier = AttributeClassifier.load()
+                classifier = Judge.default()
             t = time.perf_counter()
             result["generation"] = evaluate_generation(pipe, classifier, images, attrs_list, steps=steps,
                                                        guidance=guidance, seed=seed, per_prompt=per_prompt,
                                                        batch_size=batch_size, save_dir=save_dir,
                                                        threshold=threshold)
             result["generation"]["seconds"] = round(time.perf_counter() - t, 1)
+            if hasattr(classifier, "sources"):
+                result["generation"]["judge"] = dict(classifier.sources)
             g = result["generation"]
             log(f"generation: mean {g['mean_generated']:.4f} (classifier on real renders {g['mean_real']:.4f})")
     if "psnr" in parts:
@@ -374,7 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--parts", nargs="+", default=["vqa", "generation", "psnr"],
                         choices=["vqa", "generation", "psnr"], help="what to measure (default: all)")
     parser.add_argument("--classifier", default=None,
-                        help="attribute classifier .safetensors (default: the one shipped with face-s)")
+                        help="judge with this attribute classifier alone (default: the shipped judge: the "
+                             "classifier, and the Faceptor on the attributes it reads at least as well)")
     parser.add_argument("--batch-size", type=arg_positive_int, default=16, help="prompts per generate call")
     parser.add_argument("--output", "-o", default="eval.json", help="JSON results file (default: eval.json)")
     parser.add_argument("--markdown", default=None, help="also write the markdown table here")
@@ -387,13 +390,15 @@ def run(args) -> int:
     (``evaluate`` returns the results themselves)."""
     import fastface
     from fastface.perception import AttributeClassifier
+    from fastface.perception.judge import Judge
 
     if args.attributes_per_prompt < 0:
         raise ValueError(f"--attributes-per-prompt must be >= 0, got {args.attributes_per_prompt}")
     pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
     classifier = None
     if "generation" in args.parts:
-        classifier = AttributeClassifier.load(args.classifier)
+        # --classifier: that attribute classifier alone; by default the judge (fastface.perception.judge)
+        classifier = AttributeClassifier.load(args.classifier) if args.classifier else Judge.default()
     torch.manual_seed(0)
     result = evaluate(pipe, classifier, num_faces=args.num_faces, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, questions_per_face=args.questions_per_face,

@@ -347,3 +347,29 @@ def test_shipped_model_on_fresh_held_out_faces():
     assert m["parsing_miou"] >= card["parsing_miou"] - 0.03
     assert m["attribute_mean"] >= card["attribute_mean"] - 0.02
     assert m["verification"]["tar"] >= card["verification"]["tar"] - 0.05
+
+
+# ------------------------------------------------------------------------------------------ the judge
+
+def test_judge_takes_each_attribute_from_its_source(perceptor, pairs):
+    from fastface.data.attributes import ATTRIBUTES
+    from fastface.perception.judge import Judge
+    from fastface.perception.model import AttributeClassifier
+
+    torch.manual_seed(1)
+    clf = AttributeClassifier.from_name("tiny").eval()
+    images = pairs["images"][:6]
+    theirs = clf.predict_labels(images)
+    mine = perceptor.run(images, tasks=("attributes",))["attributes"].numpy()
+    judge = Judge(clf, perceptor, ("age", "expression"))
+    got = judge.predict_labels(images)
+    names = list(ATTRIBUTES)
+    for k, name in enumerate(names):
+        expected = mine[:, k] if name in ("age", "expression") else theirs[:, k]
+        assert np.array_equal(got[:, k], expected), name
+    assert judge.sources["age"] == "faceptor" and judge.sources["gender"] == "classifier"
+    assert np.array_equal(Judge(clf).predict_labels(images), theirs)
+    with pytest.raises(ValueError, match="unknown attribute"):
+        Judge(clf, perceptor, ("ears",))
+    with pytest.raises(ValueError, match="without a perceptor"):
+        Judge(clf, None, ("age",))

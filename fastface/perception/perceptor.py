@@ -211,9 +211,19 @@ def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Percepto
     """Write run ``run``'s weights to ``to`` with the verification threshold at FAR 1% and the held-out metrics
     (``faces`` renders of unseen people) in its config; returns the exported Perceptor."""
     from fastface.perception.faceptor_train import evaluate, held_out_pairs, run_state
+    from fastface.perception.model import DEFAULT_PATH as CLASSIFIER_PATH
+    from fastface.perception.model import AttributeClassifier
+    from fastface.perception.train import accuracy_table
 
     model, meta = run_state(run)
-    metrics = evaluate(model, held_out_pairs(faces))
+    data = held_out_pairs(faces)
+    metrics = evaluate(model, data)
+    if CLASSIFIER_PATH.is_file():  # the judge: the Faceptor where it reads an attribute at least as well
+        table = accuracy_table(AttributeClassifier.load().predict_labels(data["images"]), data["labels"])
+        theirs = {k: v["accuracy"] for k, v in table.items()}
+        metrics["classifier_attribute_accuracy"] = theirs
+        metrics["judge_attributes"] = [a for a, acc in metrics["attribute_accuracy"].items()
+                                       if acc is not None and theirs.get(a) is not None and acc >= theirs[a]]
     model.config.verify_threshold = round(metrics["verification"]["threshold"], 6)
     model.config.metrics = {**metrics, "steps": meta["step"], "settings": meta["settings"]}
     perceptor = Perceptor(model)
