@@ -17,6 +17,7 @@ from fastface.perception.faceptor import TASKS, Faceptor, FaceptorConfig, soft_a
 from fastface.perception.faceptor_train import (
     FaceptorTrainSettings,
     evaluate,
+    export_run,
     held_out_pairs,
     landmark_loss,
     landmark_nme,
@@ -29,7 +30,7 @@ from fastface.perception.faceptor_train import (
     verification,
 )
 from fastface.perception.model import IGNORE
-from fastface.perception.perceptor import DEFAULT_PATH, Perceptor, export_run, load_perception
+from fastface.perception.perceptor import DEFAULT_PATH, Perceptor, load_perception
 from fastface.perception.train import identity_pairs
 
 

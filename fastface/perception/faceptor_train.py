@@ -39,7 +39,9 @@ from safetensors.torch import load_file, save_file
 from fastface.data.attributes import ATTRIBUTES, N_IDENTITIES
 from fastface.lr_schedule import lr_at
 from fastface.perception.faceptor import PRESETS, TASKS, Faceptor, FaceptorConfig
-from fastface.perception.model import IGNORE
+from fastface.perception.model import DEFAULT_PATH as CLASSIFIER_PATH
+from fastface.perception.model import IGNORE, AttributeClassifier
+from fastface.perception.perceptor import Perceptor
 from fastface.perception.train import (
     HELD_OUT_IDENTITIES,
     accuracy_table,
@@ -166,8 +168,6 @@ def verification(e_id: np.ndarray, identity: np.ndarray, far: float = 0.01) -> d
 
 def evaluate(model: Faceptor, data: dict, tasks=TASKS) -> dict:
     """Held-out metrics of every task in ``tasks`` on ``data`` (``identity_pairs`` layout)."""
-    from fastface.perception.perceptor import Perceptor
-
     cfg = model.config
     was_training = model.training
     pred = {k: v.numpy() for k, v in Perceptor(model).run(data["images"], batch_size=128, tasks=tasks).items()}
@@ -357,6 +357,26 @@ def run_state(out: Path) -> tuple[Faceptor, dict]:
     return model.eval(), meta
 
 
+def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Perceptor:
+    """Write run ``run``'s weights to ``to`` with the verification threshold at FAR 1% and the held-out metrics
+    (``faces`` renders of unseen people) in its config; returns the exported Perceptor."""
+    model, meta = run_state(run)
+    data = held_out_pairs(faces)
+    metrics = evaluate(model, data)
+    if CLASSIFIER_PATH.is_file():  # the judge: the Faceptor where it reads an attribute at least as well
+        table = accuracy_table(AttributeClassifier.load().predict_labels(data["images"]), data["labels"])
+        theirs = {k: v["accuracy"] for k, v in table.items()}
+        metrics["classifier_attribute_accuracy"] = theirs
+        metrics["judge_attributes"] = [a for a, acc in metrics["attribute_accuracy"].items()
+                                       if acc is not None and theirs.get(a) is not None and acc >= theirs[a]]
+    model.config.verify_threshold = round(metrics["verification"]["threshold"], 6)
+    model.config.metrics = {**metrics, "steps": meta["step"], "settings": meta["settings"]}
+    perceptor = Perceptor(model)
+    perceptor.save(to)
+    log(f"wrote {to}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return perceptor
+
+
 def _main(argv=None) -> int:
     import argparse
 
@@ -403,14 +423,10 @@ def _main(argv=None) -> int:
         train_faceptor(settings, Path(args.out), cache=Path(args.cache) if args.cache else None,
                        max_minutes=args.minutes)
     if args.export:
-        from fastface.perception.perceptor import export_run
-
         if args.to is None:
             p.error("--export needs --to FILE.safetensors")
         export_run(Path(args.export), Path(args.to), faces=args.faces)
     if args.eval:
-        from fastface.perception.perceptor import Perceptor
-
         path = Path(args.eval)
         model = run_state(path)[0] if path.is_dir() else Perceptor.load(path).model
         metrics = evaluate(model, held_out_pairs(args.faces))

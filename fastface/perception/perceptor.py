@@ -10,7 +10,8 @@
     perceptor.verify(a, b)                                 # Verification(score=0.93, same=True)
 
 A ``Perceptor`` wraps a trained ``Faceptor`` (``fastface.perception.faceptor``); files are written by
-``export_run`` (``python -m fastface.perception.faceptor_train --export RUN --to FILE``) and hold the model's
+``fastface.perception.faceptor_train.export_run`` (``python -m fastface.perception.faceptor_train --export RUN
+--to FILE``) and hold the model's
 config — its task vocabulary, the verification threshold and the held-out metrics — in their metadata.
 """
 
@@ -205,28 +206,3 @@ class Perceptor:
 def load_perception(path=None, *, dtype: torch.dtype = torch.float32) -> Perceptor:
     """The face perception model: ``Perceptor.load(path)`` (default: the shipped face-s Faceptor)."""
     return Perceptor.load(path, dtype=dtype)
-
-
-def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Perceptor:
-    """Write run ``run``'s weights to ``to`` with the verification threshold at FAR 1% and the held-out metrics
-    (``faces`` renders of unseen people) in its config; returns the exported Perceptor."""
-    from fastface.perception.faceptor_train import evaluate, held_out_pairs, run_state
-    from fastface.perception.model import DEFAULT_PATH as CLASSIFIER_PATH
-    from fastface.perception.model import AttributeClassifier
-    from fastface.perception.train import accuracy_table
-
-    model, meta = run_state(run)
-    data = held_out_pairs(faces)
-    metrics = evaluate(model, data)
-    if CLASSIFIER_PATH.is_file():  # the judge: the Faceptor where it reads an attribute at least as well
-        table = accuracy_table(AttributeClassifier.load().predict_labels(data["images"]), data["labels"])
-        theirs = {k: v["accuracy"] for k, v in table.items()}
-        metrics["classifier_attribute_accuracy"] = theirs
-        metrics["judge_attributes"] = [a for a, acc in metrics["attribute_accuracy"].items()
-                                       if acc is not None and theirs.get(a) is not None and acc >= theirs[a]]
-    model.config.verify_threshold = round(metrics["verification"]["threshold"], 6)
-    model.config.metrics = {**metrics, "steps": meta["step"], "settings": meta["settings"]}
-    perceptor = Perceptor(model)
-    perceptor.save(to)
-    log(f"wrote {to}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    return perceptor
