@@ -205,6 +205,7 @@ class FaceptorTrainSettings:
     label_fraction: dict = field(default_factory=dict)  # {attribute: share of training faces keeping its label}
     train_attributes: tuple[str, ...] | None = None  # attribute heads trained (None: all; others see no labels)
     identity_weight: float = 0.5
+    init: str | None = None  # start from these exported weights (a fresh optimiser and schedule)
     save_every: int = 250
     log_every: int = 50
 
@@ -268,7 +269,11 @@ def train_faceptor(settings: FaceptorTrainSettings, out: Path, *, data: dict | N
     identity = torch.from_numpy(np.asarray(data["identity"], dtype=np.int64))
     n_pairs = len(images) // 2
     torch.manual_seed(settings.seed)  # the initial weights follow the seed
-    model = Faceptor.from_name(settings.preset)
+    if settings.init is not None:
+        model = Perceptor.load(settings.init).model.train()
+        log(f"initialised from {settings.init}")
+    else:
+        model = Faceptor.from_name(settings.preset)
     cfg = model.config
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and n != "layer_attention"]
     other = [p for n, p in model.named_parameters() if not (p.dim() > 1 and n != "layer_attention")]
@@ -278,7 +283,10 @@ def train_faceptor(settings: FaceptorTrainSettings, out: Path, *, data: dict | N
     start = 0
     if (out / "state.json").is_file():
         meta = json.loads((out / "state.json").read_text())
-        if meta["settings"] != json.loads(json.dumps(asdict(settings))):
+        wanted = json.loads(json.dumps(asdict(settings)))
+        defaults = json.loads(json.dumps(asdict(FaceptorTrainSettings())))
+        stored = {**{k: v for k, v in defaults.items() if k not in meta["settings"]}, **meta["settings"]}
+        if stored != wanted:  # (a field added since the run started counts at its default)
             raise ValueError(f"{out}: its run was started with other settings: {meta['settings']}")
         tensors = load_file(str(out / "state.safetensors"))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -377,6 +385,39 @@ def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Percepto
     return perceptor
 
 
+def metrics_markdown(metrics: dict) -> str:
+    """Markdown tables of ``evaluate`` metrics (per task, parsing per class, attributes per attribute)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = ["| task | metric | value |", "|---|---|---:|"]
+    if "landmark_nme" in metrics:
+        lines.append(f"| landmarks | NME (inter-ocular) | {pct(metrics['landmark_nme'])} "
+                     f"({metrics['landmark_error_px']:.2f} px mean error) |")
+    if "parsing_miou" in metrics:
+        lines.append(f"| parsing | mIoU ({len(metrics['parsing_iou'])} classes) | {pct(metrics['parsing_miou'])} |")
+    acc = metrics.get("attribute_accuracy", {})
+    for name in ("age", "expression"):
+        if name in acc:
+            lines.append(f"| {name} | accuracy | {pct(acc[name])} |")
+    if acc:
+        worst = min((v, k) for k, v in acc.items() if v is not None)
+        lines.append(f"| attributes | mean of {len(acc)} (lowest: {worst[1]} {pct(worst[0])}) | "
+                     f"{pct(metrics['attribute_mean'])} |")
+    if "verification" in metrics:
+        v = metrics["verification"]
+        lines.append(f"| identity | TAR at FAR {pct(v['far'])} ({v['genuine_pairs']} genuine, {v['impostor_pairs']} "
+                     f"impostor pairs; threshold {v['threshold']:.3f}) | {pct(v['tar'])} |")
+    if "parsing_iou" in metrics:
+        lines += ["", "| parsing class | IoU |", "|---|---:|"]
+        lines += [f"| {c} | {pct(v)} |" for c, v in metrics["parsing_iou"].items()]
+    if acc:
+        theirs = metrics.get("classifier_attribute_accuracy", {})
+        lines += ["", "| attribute | Faceptor | attribute classifier | judge reads it from |", "|---|---:|---:|---|"]
+        judged = set(metrics.get("judge_attributes", ()))
+        lines += [f"| {a} | {pct(v)} | {pct(theirs.get(a))} | {'Faceptor' if a in judged else 'classifier'} |"
+                  for a, v in acc.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _main(argv=None) -> int:
     import argparse
 
@@ -396,6 +437,8 @@ def _main(argv=None) -> int:
                    help="keep ATTR's label on this share of training faces (the auxiliary-supervision experiment)")
     p.add_argument("--train-attributes", default=None, metavar="A,B",
                    help="train only these attribute heads (the others see no labels)")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="start from an exported Faceptor (a fresh optimiser and schedule; --preset is ignored)")
     p.add_argument("--cache", default=None, help="rendered training pairs (.npz), reused between runs")
     p.add_argument("--minutes", type=arg_positive_float, default=None, help="stop (resumably) after this long")
     p.add_argument("--threads", type=arg_positive_int, default=1)
@@ -403,6 +446,7 @@ def _main(argv=None) -> int:
     p.add_argument("--to", default=None, help="safetensors file for --export")
     p.add_argument("--eval", default=None, metavar="FILE_OR_RUN", help="held-out metrics of a model file or run")
     p.add_argument("--faces", type=arg_positive_int, default=1000, help="held-out faces for --eval / --export")
+    p.add_argument("--markdown", action="store_true", help="--eval prints markdown tables instead of JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.train:
@@ -417,7 +461,7 @@ def _main(argv=None) -> int:
                 p.error(f"--label-fraction {item!r}: expected ATTR=FRACTION")
         settings = FaceptorTrainSettings(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                          n_pairs=args.pairs, seed=args.seed, tasks=tuple(args.tasks.split(",")),
-                                         label_fraction=fractions,
+                                         label_fraction=fractions, init=args.init,
                                          train_attributes=tuple(args.train_attributes.split(","))
                                          if args.train_attributes else None)
         train_faceptor(settings, Path(args.out), cache=Path(args.cache) if args.cache else None,
@@ -430,7 +474,7 @@ def _main(argv=None) -> int:
         path = Path(args.eval)
         model = run_state(path)[0] if path.is_dir() else Perceptor.load(path).model
         metrics = evaluate(model, held_out_pairs(args.faces))
-        print(json.dumps(metrics, indent=2))
+        print(metrics_markdown(metrics) if args.markdown else json.dumps(metrics, indent=2))
     return 0
 
 

@@ -44,7 +44,7 @@ class FacePerception:
     identity: np.ndarray  # float32 [id_dim], unit length
 
     def to_dict(self, landmark_names=None) -> dict:
-        """JSON-able: landmarks by name when ``landmark_names`` is given, parsing as class counts (pixels)."""
+        """JSON-able (without the parsing mask): landmarks by name when ``landmark_names`` is given."""
         lm = self.landmarks.tolist()
         return {"landmarks": dict(zip(landmark_names, lm)) if landmark_names else lm,
                 "age": self.age, "expression": self.expression, "attributes": dict(self.attributes),
@@ -185,8 +185,8 @@ class Perceptor:
     def verify(self, a, b, threshold: float | None = None) -> Verification | list[Verification]:
         """Are faces ``a`` and ``b`` one person? One image each -> a ``Verification``; batches of equal length
         -> a list. ``threshold`` defaults to the model's (false accepts at 1% on held-out people)."""
-        single = isinstance(a, np.ndarray) and a.ndim == 3 or hasattr(a, "mode") or \
-            isinstance(a, torch.Tensor) and a.dim() == 3
+        single = (isinstance(a, np.ndarray) and a.ndim == 3) or hasattr(a, "mode") or \
+            (isinstance(a, torch.Tensor) and a.dim() == 3)
         if single:
             a, b = [a], [b]
         ea, eb = self.embed_identity(a), self.embed_identity(b)
