@@ -374,3 +374,27 @@ def test_judge_takes_each_attribute_from_its_source(perceptor, pairs):
         Judge(clf, perceptor, ("ears",))
     with pytest.raises(ValueError, match="without a perceptor"):
         Judge(clf, None, ("age",))
+
+
+def test_inference_copy_matches_the_model(pairs):
+    """Perceptor runs a BatchNorm-folded channels-last copy: the same outputs as the model itself."""
+    from fastface.perception.faceptor import fused_for_inference
+
+    torch.manual_seed(2)
+    model = Faceptor.from_name("tiny").eval()
+    for mod in model.modules():  # running statistics far from the identity, so the folding matters
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.3)
+            mod.running_var.uniform_(0.3, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.2)
+    x = model.to_input(torch.from_numpy(pairs["images"][:5]))
+    fast = fused_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+    with torch.no_grad():
+        ref, got = model(x), fast(x.contiguous(memory_format=torch.channels_last))
+    for key in ("parsing", "heatmaps", "landmarks", "identity"):
+        torch.testing.assert_close(got[key], ref[key], atol=2e-4, rtol=1e-4, msg=key)
+    for u, v in zip(got["attributes"], ref["attributes"]):
+        torch.testing.assert_close(u, v, atol=2e-4, rtol=1e-4)

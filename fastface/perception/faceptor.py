@@ -297,6 +297,23 @@ class Faceptor(nn.Module):
         return out
 
 
+def fused_for_inference(model: Faceptor) -> Faceptor:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the conv before it, in channels-last memory
+    (measured on a 2-core AVX-512 EPYC, batch 64, 1 thread: channels-last 1.75x, the folding another ~5%). The
+    same function up to float rounding; ``model`` is not changed."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fast = copy.deepcopy(model).eval()
+    for mod in fast.modules():
+        if isinstance(mod, nn.Sequential) and len(mod) >= 2 and isinstance(mod[0], nn.Conv2d) and \
+                isinstance(mod[1], nn.BatchNorm2d):
+            mod[0] = fuse_conv_bn_eval(mod[0], mod[1])
+            mod[1] = nn.Identity()
+    return fast.to(memory_format=torch.channels_last)
+
+
 def soft_argmax(heatmaps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Heatmap logits [B, K, S, S] -> expected (x, y) [B, K, 2] under their softmax over pixels; ``grid`` [S*S, 2]
     holds each pixel's (x, y)."""
