@@ -263,3 +263,20 @@ def test_tokenizer_options():
         build_text_tokenizer(["two words"])
     with pytest.raises(TypeError):
         encode_text(tok, None)
+
+
+def test_parsing_is_the_class_covering_most_of_each_pixel():
+    from fastface.data.renderer import _CANVAS, _draw, _draw_pose, area_labels
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 10, (12, 8)).astype(np.uint8)
+    got = area_labels(labels, 4)
+    assert got.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            counts = np.bincount(labels[4 * i : 4 * i + 4, 4 * j : 4 * j + 4].ravel(), minlength=10)
+            assert got[i, j] == counts.argmax()  # ties: the lower class
+    attrs = sample_attributes(np.random.default_rng(1))
+    face = render(attrs, jitter=False)
+    canvas, _, _ = _draw(attrs, _draw_pose(None), True)
+    assert np.array_equal(face.parsing, area_labels(np.asarray(canvas.lab), _CANVAS // 64))
