@@ -4,9 +4,11 @@
     fastface bench --batch 4 --json out.json --plot out.png
 
 Every case runs in one process, the reference included, so ratios are comparable even on a busy machine: each
-case is warmed up, then timed ``--repeats`` times; the JSON holds every run's seconds, their median and spread
-(min, max), tokens per second, latency per request, a time breakdown of the engine (attention, MoE, LM head,
-sampler, …) and the machine (CPU, threads, load average, versions, git commit, time).
+contender is warmed up, then the contenders of one task and batch are timed in turn, repeat by repeat (A B A B
+...), ``--repeats`` times; speed-ups are the median of the per-repeat ratios with their spread. The JSON holds
+every run's seconds, their median and spread (min, max), tokens per second, latency per request, a time
+breakdown of the engine (attention, MoE, LM head, sampler, …) and the machine (CPU, threads, load average,
+versions, git commit, time).
 """
 
 from __future__ import annotations
@@ -126,12 +128,15 @@ def _decoder(model, backend):
     return _DECODERS[key]
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
+def _time_in_turn(fns: dict, repeats: int) -> dict[object, list[float]]:
+    """Time every contender of one case in turn, repeat by repeat (A B C A B C ...): a slow moment of a noisy
+    machine lands on all of them, and repeat i of every contender is comparable with repeat i of the others."""
+    out = {key: [] for key in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[key].append(time.perf_counter() - t0)
     return out
 
 
@@ -159,83 +164,101 @@ def usable_backends(requested) -> list[str]:
 
 def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, repeats, warmup, answer=True,
               breakdown=True, reference_dtypes=("float32",), progress=None) -> list[dict]:
-    """Every (task, backend, dtype, batch) case: a list of result dicts."""
-    from fastface.profiling import Timers
+    """Every (task, backend, dtype, batch) case: a list of result dicts.
 
+    The contenders of one (task, batch) -- every backend and dtype -- are timed in turn, repeat by repeat, and
+    each one's speed-up over the float32 reference is the median of the per-repeat ratios, with their spread.
+    """
     cfg = subject.config
-    cases = []
-    for backend in backends_:
-        for dtype in dtypes:
-            if backend == "reference" and dtype not in reference_dtypes:
-                continue
-            for batch in batches:
-                cases.append((backend, dtype, batch))
+    contenders = [(backend, dtype) for backend in backends_ for dtype in dtypes
+                  if not (backend == "reference" and dtype not in reference_dtypes)]
     results = []
-    for backend, dtype, batch in cases:
-        model = subject.models[dtype]
-        ids = prompt_ids(cfg, batch)
-        seeds = list(range(batch))
-        for _ in range(warmup):
-            _generate(model, backend, ids, min(steps, 2), guidance, seeds)
-        holder = {}
-
-        def gen(model=model, backend=backend, ids=ids, seeds=seeds, holder=holder):
-            holder["tokens"] = _generate(model, backend, ids, steps, guidance, seeds)
-
-        secs = _time(gen, repeats)
-        row = dict(task="generate", backend=backend, dtype=dtype, batch=batch, steps=steps, guidance=guidance,
-                   **_summary(secs, batch * cfg.image_tokens))
-        row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
-        if breakdown and backend != "reference":
-            timers = Timers()
-            t0 = time.perf_counter()
-            _generate(model, backend, ids, steps, guidance, seeds, timers=timers)
-            total = time.perf_counter() - t0
-            parts = dict(timers.seconds)
-            if subject.image_tokenizer is not None:
-                t1 = time.perf_counter()
-                with torch.no_grad():
-                    subject.image_tokenizer.decode(holder["tokens"])
-                parts["tokenizer_decode"] = time.perf_counter() - t1
-                total += parts["tokenizer_decode"]
-            parts["other"] = max(0.0, total - sum(parts.values()))
-            row["breakdown_s"] = {k: round(v, 5) for k, v in parts.items()}
-        results.append(row)
-        if progress:
-            progress(row)
-        if answer:
-            qids = question_ids(cfg, batch)
-            max_new = cfg.max_answer_len
+    for batch in batches:
+        ids, seeds = prompt_ids(cfg, batch), list(range(batch))
+        holders, gens = {}, {}
+        for backend, dtype in contenders:
+            model = subject.models[dtype]
             for _ in range(warmup):
-                _answer(model, backend, qids, max_new)
-            out = {}
+                _generate(model, backend, ids, min(steps, 2), guidance, seeds)
+            holders[backend, dtype] = holder = {}
 
-            def ans(model=model, backend=backend, qids=qids, out=out, max_new=max_new):
-                out["a"] = _answer(model, backend, qids, max_new)
+            def gen(model=model, backend=backend, holder=holder, ids=ids, seeds=seeds):
+                holder["tokens"] = _generate(model, backend, ids, steps, guidance, seeds)
 
-            secs = _time(ans, repeats)
-            produced = sum(len(a) for a in out["a"])
-            row = dict(task="answer", backend=backend, dtype=dtype, batch=batch, max_new_tokens=max_new,
-                       prompt_tokens=int(qids.numel()), **_summary(secs, max(produced, 1)))
-            row["latency_per_request_s"] = row["median_s"]
+            gens[backend, dtype] = gen
+        times = _time_in_turn(gens, repeats)
+        rows = []
+        for (backend, dtype), secs in times.items():
+            row = dict(task="generate", backend=backend, dtype=dtype, batch=batch, steps=steps, guidance=guidance,
+                       **_summary(secs, batch * cfg.image_tokens))
+            row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
             if breakdown and backend != "reference":
-                timers = Timers()
-                _answer(model, backend, qids, max_new, timers=timers)
-                row["breakdown_s"] = {k: round(v, 5) for k, v in timers.seconds.items()}
+                row["breakdown_s"] = _generate_breakdown(subject, subject.models[dtype], backend, ids, steps,
+                                                         guidance, seeds, holders[backend, dtype]["tokens"])
+            rows.append(row)
+        if answer:
+            qids, max_new = question_ids(cfg, batch), cfg.max_answer_len
+            outs, answers = {}, {}
+            for backend, dtype in contenders:
+                model = subject.models[dtype]
+                for _ in range(warmup):
+                    _answer(model, backend, qids, max_new)
+                outs[backend, dtype] = out = {}
+
+                def ans(model=model, backend=backend, out=out, qids=qids, max_new=max_new):
+                    out["a"] = _answer(model, backend, qids, max_new)
+
+                answers[backend, dtype] = ans
+            times = _time_in_turn(answers, repeats)
+            for (backend, dtype), secs in times.items():
+                produced = sum(len(a) for a in outs[backend, dtype]["a"])
+                row = dict(task="answer", backend=backend, dtype=dtype, batch=batch, max_new_tokens=max_new,
+                           prompt_tokens=int(qids.numel()), **_summary(secs, max(produced, 1)))
+                row["latency_per_request_s"] = row["median_s"]
+                if breakdown and backend != "reference":
+                    from fastface.profiling import Timers
+
+                    timers = Timers()
+                    _answer(subject.models[dtype], backend, qids, max_new, timers=timers)
+                    row["breakdown_s"] = {k: round(v, 5) for k, v in timers.seconds.items()}
+                rows.append(row)
+        _add_speedups(rows)
+        for row in rows:
             results.append(row)
             if progress:
                 progress(row)
-    _add_speedups(results)
     return results
 
 
-def _add_speedups(results):
-    ref = {(r["task"], r["batch"]): r["tokens_per_s"] for r in results if r["backend"] == "reference"
-           and r["dtype"] == "float32"}
-    for r in results:
-        base = ref.get((r["task"], r["batch"]))
+def _generate_breakdown(subject, model, backend, ids, steps, guidance, seeds, tokens) -> dict:
+    """Seconds per engine section of one more generation (and the image tokenizer's decode)."""
+    from fastface.profiling import Timers
+
+    timers = Timers()
+    t0 = time.perf_counter()
+    _generate(model, backend, ids, steps, guidance, seeds, timers=timers)
+    total = time.perf_counter() - t0
+    parts = dict(timers.seconds)
+    if subject.image_tokenizer is not None:
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            subject.image_tokenizer.decode(tokens)
+        parts["tokenizer_decode"] = time.perf_counter() - t1
+        total += parts["tokenizer_decode"]
+    parts["other"] = max(0.0, total - sum(parts.values()))
+    return {k: round(v, 5) for k, v in parts.items()}
+
+
+def _add_speedups(rows):
+    """Per row, the float32 reference's seconds over the row's, repeat by repeat (the repeats were run in turn):
+    ``speedup_vs_reference`` is their median, ``speedup_spread`` their (min, max)."""
+    ref = {r["task"]: r["seconds"] for r in rows if r["backend"] == "reference" and r["dtype"] == "float32"}
+    for r in rows:
+        base = ref.get(r["task"])
         if base:
-            r["speedup_vs_reference"] = round(r["tokens_per_s"] / base, 2)
+            ratios = [b / max(s, 1e-12) for b, s in zip(base, r["seconds"])]
+            r["speedup_vs_reference"] = round(statistics.median(ratios), 2)
+            r["speedup_spread"] = [round(min(ratios), 2), round(max(ratios), 2)]
 
 
 def threshold_study(subject: Subject, *, backend, dtype, batch, steps, guidance, thresholds) -> list[dict]:
@@ -298,12 +321,13 @@ def machine_info() -> dict:
 
 def format_table(results: list[dict]) -> str:
     lines = [f"{'task':9} {'backend':10} {'dtype':9} {'batch':>5} {'tokens/s':>10} {'spread':>17} "
-             f"{'latency s':>10} {'x ref':>6}"]
+             f"{'latency s':>10} {'x ref':>6} {'x ref spread':>13}"]
     for r in results:
         lo, hi = r["tokens_per_s_spread"]
+        s_lo, s_hi = r.get("speedup_spread", (float("nan"), float("nan")))
         lines.append(f"{r['task']:9} {r['backend']:10} {r['dtype']:9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
                      f"{f'{lo:.1f}-{hi:.1f}':>17} {r['latency_per_request_s']:>10.3f} "
-                     f"{r.get('speedup_vs_reference', float('nan')):>6.2f}")
+                     f"{r.get('speedup_vs_reference', float('nan')):>6.2f} {f'{s_lo:.2f}-{s_hi:.2f}':>13}")
     return "\n".join(lines)
 
 

@@ -145,6 +145,23 @@ def test_bench_preset_is_honoured_beside_the_embedded_model(tmp_path, capsys):
     assert code == 2 and "not both" in err and "Traceback" not in err
 
 
+def test_bench_times_contenders_in_turn_and_ratios_per_repeat(monkeypatch):
+    """Contenders of one case alternate repeat by repeat; a speed-up is the median of per-repeat ratios."""
+    from fastface import benchmark
+
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
+    times = benchmark._time_in_turn({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "a", "b", "a", "b"] and times == {"a": [1.0] * 3, "b": [1.0] * 3}
+    rows = [dict(task="generate", backend="reference", dtype="float32", seconds=[2.0, 4.0, 2.0]),
+            dict(task="generate", backend="auto", dtype="float32", seconds=[1.0, 1.0, 2.0]),
+            dict(task="answer", backend="auto", dtype="float32", seconds=[1.0])]
+    benchmark._add_speedups(rows)
+    assert rows[1]["speedup_vs_reference"] == 2.0 and rows[1]["speedup_spread"] == [1.0, 4.0]
+    assert rows[0]["speedup_vs_reference"] == 1.0 and "speedup_vs_reference" not in rows[2]
+
+
 def test_plot_without_matplotlib(tmp_path, monkeypatch):
     from fastface import benchmark
 
