@@ -317,7 +317,7 @@ def test_cli_json_and_overlay(tmp_path, pairs, tiny_file):
     assert [row["image"] for row in rows] == paths and set(rows[0]["landmarks"]) == set(LANDMARKS)
     assert sum(rows[0]["parsing_pixels"].values()) == 64 * 64
     for i in range(2):
-        assert Image.open(tmp_path / f"ov-{i}.png").size == (256, 256)
+        assert Image.open(tmp_path / f"ov-{i}.png").size == (512, 256)  # the face and its overlay, 4x
 
 
 def test_cli_errors_without_traceback(tmp_path, tiny_file):
@@ -398,3 +398,15 @@ def test_inference_copy_matches_the_model(pairs):
         torch.testing.assert_close(got[key], ref[key], atol=2e-4, rtol=1e-4, msg=key)
     for u, v in zip(got["attributes"], ref["attributes"]):
         torch.testing.assert_close(u, v, atol=2e-4, rtol=1e-4)
+
+
+@shipped
+def test_shipped_judge_uses_the_faceptor_where_its_card_says():
+    from fastface.perception.judge import Judge
+
+    judge = Judge.default()
+    card = judge.perceptor.config.metrics
+    for name, source in judge.sources.items():
+        assert source == ("faceptor" if name in card["judge_attributes"] else "classifier")
+        if source == "faceptor":  # chosen only where it is at least as accurate on the same faces
+            assert card["attribute_accuracy"][name] >= card["classifier_attribute_accuracy"][name]

@@ -3,7 +3,7 @@ identity of 64x64 RGB face images, read by the shipped Faceptor (or ``--model FI
 
 Without ``--json`` each image gets a short summary line; with it, one JSON object per image (a list) on stdout.
 ``--overlay`` writes each face upscaled with its parsing classes tinted and its landmarks marked (one image:
-OUT.png; several: OUT-0.png, OUT-1.png, ...).
+OUT.png; several: OUT-0.png, OUT-1.png, ...) beside the face as it is.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def add_arguments(p):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
 
-def overlay(image: np.ndarray, parsing: np.ndarray, landmarks: np.ndarray, scale: int = 4, alpha: float = 0.45):
-    """RGB uint8 [S*scale, S*scale, 3]: ``image`` upscaled, each parsing class tinted (background left as it is),
-    landmarks as crosses."""
+def overlay(image: np.ndarray, parsing: np.ndarray, landmarks: np.ndarray, scale: int = 4, alpha: float = 0.6):
+    """RGB uint8 [S*scale, 2*S*scale, 3]: the face upscaled beside a copy with each parsing class tinted (background
+    left as it is) and the landmarks as crosses."""
     from PIL import Image, ImageDraw
 
     img = np.asarray(image, dtype=np.float32)
@@ -46,7 +46,8 @@ def overlay(image: np.ndarray, parsing: np.ndarray, landmarks: np.ndarray, scale
         cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
         draw.line([(cx - r, cy), (cx + r, cy)], fill=(255, 0, 0), width=max(1, scale // 3))
         draw.line([(cx, cy - r), (cx, cy + r)], fill=(255, 0, 0), width=max(1, scale // 3))
-    return np.asarray(out)
+    plain = np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((S * scale, S * scale), Image.NEAREST))
+    return np.concatenate([plain, np.asarray(out)], axis=1)
 
 
 def _read(path: str, size: int) -> np.ndarray:
