@@ -410,3 +410,12 @@ def test_shipped_judge_uses_the_faceptor_where_its_card_says():
         assert source == ("faceptor" if name in card["judge_attributes"] else "classifier")
         if source == "faceptor":  # chosen only where it is at least as accurate on the same faces
             assert card["attribute_accuracy"][name] >= card["classifier_attribute_accuracy"][name]
+
+
+def test_training_with_batches_without_labels(tmp_path, pairs):
+    """One attribute, labels on few faces: batches that hold none still train (the others' heads see nothing)."""
+    data = {k: pairs[k] for k in ("images", "parsing", "landmarks", "labels", "identity")}
+    settings = FaceptorTrainSettings(preset="tiny", steps=3, batch_size=4, log_every=0, tasks=("attributes",),
+                                     train_attributes=("age",), label_fraction={"age": 0.05})
+    model = train_faceptor(settings, tmp_path / "run", data=data, log=lambda *_: None)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

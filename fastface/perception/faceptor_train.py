@@ -329,7 +329,10 @@ def train_faceptor(settings: FaceptorTrainSettings, out: Path, *, data: dict | N
             per_head = attribute_losses(outputs["attributes"], labels[idx])
             seen = ~torch.isnan(per_head)
             running = torch.where(seen, 0.98 * running + 0.02 * per_head.detach().nan_to_num(), running)
-            terms["attributes"] = (per_head[seen] * balanced_weights(running)[seen]).mean()
+            if bool(seen.any()):
+                terms["attributes"] = (per_head[seen] * balanced_weights(running)[seen]).mean()
+            else:  # sparse labels: no face of this batch has one (0.95 ** 64 = 4% of batches at 5%)
+                terms["attributes"] = sum(a.sum() for a in outputs["attributes"]) * 0.0
         if "identity" in outputs:
             terms["identity"] = settings.identity_weight * identity_loss(outputs["identity"], identity[idx], 0.1)
         loss = sum(terms.values())
