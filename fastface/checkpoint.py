@@ -36,7 +36,9 @@ from fastface.weights import (
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "fastface"
-CONFIG_FIELDS = {"format_version", "model_type", "dtype", "model", "image_tokenizer"}
+CONFIG_FIELDS = {"format_version", "model_type", "dtype", "model", "image_tokenizer", "embedder"}
+EMBEDDER_FILE = "facetext.safetensors"  # the understanding embeddings' model (e_sem, e_id), when a checkpoint has one
+TOWER_FILE = "faceptor.safetensors"  # its image tower
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,15 +49,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported checkpoint dtype {dtype}")
 
 
-def save_checkpoint(path, model, tokenizer, image_tokenizer=None, *, dtype: str | None = None) -> Path:
+def save_checkpoint(path, model, tokenizer, image_tokenizer=None, *, dtype: str | None = None,
+                    embedder=None) -> Path:
     """Write ``model`` (a FaceTransformer), ``tokenizer`` (tokenizers.Tokenizer) and optionally the image
-    tokenizer (an object with ``config.to_dict()`` and ``state_dict()``) to directory ``path``."""
+    tokenizer (an object with ``config.to_dict()`` and ``state_dict()``) and the embedder the model was trained
+    with (a ``fastface.facetext.model.FaceTextModel``: e_sem and e_id of understanding images) to directory
+    ``path``."""
     state = model.state_dict()
     return save_state(path, model.config, state, tokenizer, image_tokenizer,
-                      dtype=dtype or dtype_name(next(iter(state.values())).dtype))
+                      dtype=dtype or dtype_name(next(iter(state.values())).dtype), embedder=embedder)
 
 
-def save_state(path, config: FaceConfig, state: dict, tokenizer, image_tokenizer=None, *, dtype: str) -> Path:
+def save_state(path, config: FaceConfig, state: dict, tokenizer, image_tokenizer=None, *, dtype: str,
+               embedder=None) -> Path:
     """Write a checkpoint directory from a ``FaceTransformer(config)`` state dict without building the model
     (converters write multi-GB models this way). The tensors are checked against a meta-device skeleton first:
     keys and shapes, a ``CheckpointError`` naming the first that differs."""
@@ -78,10 +84,19 @@ def save_state(path, config: FaceConfig, state: dict, tokenizer, image_tokenizer
     vq_config = _image_tokenizer_dict(image_tokenizer) if image_tokenizer is not None else None
     meta = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "dtype": dtype,
             "model": config.to_dict(), "image_tokenizer": vq_config}
+    if embedder is not None:
+        check_embedder(embedder, config, str(path))
+        meta["embedder"] = EMBEDDER_FILE
     save_weights(path / "model.safetensors", {k: state[k] for k in expected}, config=meta, dtype=DTYPES[dtype])
     atomic_write(path / "tokenizer.json", lambda p: tokenizer.save(str(p)))
     if image_tokenizer is not None:
         save_weights(path / "image_tokenizer.safetensors", image_tokenizer.state_dict(), config=vq_config)
+    if embedder is not None:
+        from fastface.perception.perceptor import Perceptor
+
+        tower = Perceptor(embedder.tower).save(path / TOWER_FILE)
+        embedder.config.tokenizer = "tokenizer.json"
+        embedder.save(path / EMBEDDER_FILE, tower_path=tower)
     atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
@@ -119,7 +134,30 @@ def read_config(path) -> dict:
         config["model"] = FaceConfig.from_dict(config["model"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: field 'model': {exc}") from None
+    embedder = config.get("embedder")
+    if embedder is not None and (not isinstance(embedder, str) or Path(embedder).name != embedder or not embedder):
+        raise CheckpointError(f"{file}: field 'embedder' must be null or a file name in the checkpoint, "
+                              f"got {embedder!r:.60}")
     return config
+
+
+def check_embedder(embedder, config: FaceConfig, where: str) -> None:
+    """An embedder fits a transformer when its widths are the sequence experts' ``sem_dim`` and ``id_dim``."""
+    if (embedder.embed_dim, embedder.id_dim) != (config.sem_dim, config.id_dim):
+        raise CheckpointError(f"{where}: the embedder gives e_sem [{embedder.embed_dim}] and e_id "
+                              f"[{embedder.id_dim}]; the model reads sem_dim={config.sem_dim}, id_dim={config.id_dim}")
+
+
+def load_embedder(path, config: dict):
+    """The embedder a checkpoint's config names (a ``FaceTextModel``), or None when it names none."""
+    name = config.get("embedder")
+    if name is None:
+        return None
+    from fastface.facetext.model import FaceTextModel
+
+    embedder = FaceTextModel.load(Path(path) / name)
+    check_embedder(embedder, config["model"], str(path))
+    return embedder
 
 
 def load_tokenizer(file: Path, config: FaceConfig):

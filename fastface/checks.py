@@ -9,6 +9,7 @@ the argument. The ``arg_*`` functions are ``argparse`` types built from the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -259,3 +260,15 @@ def check_config_float(field: str, value, *, lo: float | None = None, hi: float 
         raise ValueError(f"config field {field!r}={_shown(value)} out of range {low}, "
                          f"{hi if hi is not None else 'inf'}]")
     return value
+
+
+def config_from_dict(cls, data, what: str, defaults: dict | None = None):
+    """Dataclass ``cls`` from a config dict read from a file: a dict whose keys are all init fields of ``cls``
+    (``defaults`` fill fields that older files lack). ``what`` names the config in the errors."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{what} config must be a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(map(str, set(data) - known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(map(repr, unknown))}")
+    return cls(**{**(defaults or {}), **data})

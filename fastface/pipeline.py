@@ -4,6 +4,7 @@
     tokens = pipe.generate_tokens(["a smiling woman with red hair"], steps=16, guidance=2.0, seed=0)
     images = pipe.generate(["a smiling woman with red hair"])  # list of PIL images
     answers = pipe.answer(images, ["what colour is her hair?"])
+    scores = pipe.similarity(images, ["a smiling woman", "an old man"])  # face-text cosine [I, T]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from fastface import backends
-from fastface.checkpoint import DTYPES, load_checkpoint
+from fastface.checkpoint import DTYPES, load_checkpoint, load_embedder
 from fastface.checks import (
     DTYPE_NAMES,
     MAX_NEW_TOKENS,
@@ -41,8 +42,15 @@ class Pipeline:
     Safe to share across threads: every call returns exactly what it returns alone (``fastface.decoding``).
     """
 
-    def __init__(self, model, tokenizer, image_tokenizer=None, *, backend: str = "auto"):
+    def __init__(self, model, tokenizer, image_tokenizer=None, *, backend: str = "auto", embedder=None):
         self.model = model.eval()
+        # the model's understanding embeddings (a FaceTextModel: e_sem, e_id), when it was trained with them
+        self.embedder = embedder
+        if embedder is not None:
+            from fastface.checkpoint import check_embedder
+
+            check_embedder(embedder, model.config, "Pipeline")
+        self._facetext = embedder
         self.config = model.config
         self.tokenizer = text_only(tokenizer)  # special-token text in a prompt is text, never a control token
         self.image_tokenizer = image_tokenizer
@@ -127,6 +135,59 @@ class Pipeline:
             return images
         if self.image_tokenizer is None:
             raise RuntimeError("this checkpoint has no image tokenizer; pass codebook ids [B, N]")
+        arrays = self._pixels(images)
+        if not arrays:
+            return torch.zeros(0, self.config.image_tokens, dtype=torch.long)
+        with torch.no_grad():  # one at a time, as decode_images: an image's ids do not depend on its batch
+            return torch.cat([self.image_tokenizer.encode(torch.from_numpy(np.stack([a]))) for a in arrays])
+
+    def understanding_embeddings(self, images):
+        """(e_sem [B, sem_dim], e_id [B, id_dim]) float32 of the images, or (None, None) when the model has no
+        embedder.
+
+        From the pixels: images given as codebook ids are decoded by the image tokenizer first. One image at a
+        time, so an image's embeddings (and so its answers) do not depend on the rest of the batch.
+        """
+        if self.embedder is None:
+            return None, None
+        pixels = self._pixels_or_decoded(images)
+        if not pixels:
+            return torch.zeros(0, self.config.sem_dim), torch.zeros(0, self.config.id_dim)
+        rows = [self.embedder.understanding_embeddings(p[None]) for p in pixels]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def answer(self, images, questions, *, max_new_tokens: int | None = None, top_p: float | None = None,
+               temperature: float = 1.0, seed: int = 0) -> list[str]:
+        """Answer one question per image (greedy by default; nucleus sampling with ``top_p``). A model trained
+        with understanding embeddings gets each image's ``e_sem``/``e_id``, computed once per request."""
+        questions = check_strings("questions", questions)
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.long):
+            images = self._pixels(images)  # read once: the tokens and the embeddings come from the same pixels
+        image_ids = self.encode_images(images)
+        if image_ids.shape[0] != len(questions):
+            raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
+        e_sem, e_id = self.understanding_embeddings(images)
+        device = self.model.embed.weight.device
+        e_sem, e_id = (None if e is None else e.to(device) for e in (e_sem, e_id))
+        max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
+        check_int("max_new_tokens", max_new, 1, MAX_NEW_TOKENS)
+        check_bounded("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+        if top_p is not None:
+            check_probability("top_p", top_p)
+        ids = mmu_prompt_ids(image_ids, [self.encode_text(q) for q in questions], self.config)
+        kwargs = dict(max_new_tokens=max_new, top_p=top_p, temperature=temperature,
+                      seeds=self._seeds(seed, len(questions)), allowed_vocab=self.config.text_vocab_size,
+                      e_sem=e_sem, e_id=e_id)
+        answers = self.decoder.answer_ids(ids, **kwargs)
+        return [self.decode_text(a) for a in answers]
+
+    def _pixels_or_decoded(self, images) -> list[np.ndarray]:
+        if isinstance(images, torch.Tensor) and images.dtype == torch.long:
+            return [np.asarray(p) for p in self.decode_images(images)]
+        return self._pixels(images)
+
+    def _pixels(self, images) -> list[np.ndarray]:
+        """PIL images, uint8 arrays [B, S, S, 3] or a list of [S, S, 3] -> a list of uint8 [S, S, 3]."""
         if not isinstance(images, (list, tuple)):
             images = list(images) if isinstance(images, np.ndarray) and images.ndim == 4 else [images]
         size = self.config.image_size
@@ -139,28 +200,28 @@ class Pipeline:
                 raise ValueError(f"images[{i}] must be a PIL image or uint8 array [{size}, {size}, 3], "
                                  f"got {img.dtype} {img.shape}")
             arrays.append(img)
-        if not arrays:
-            return torch.zeros(0, self.config.image_tokens, dtype=torch.long)
-        with torch.no_grad():  # one at a time, as decode_images: an image's ids do not depend on its batch
-            return torch.cat([self.image_tokenizer.encode(torch.from_numpy(np.stack([a]))) for a in arrays])
+        return arrays
 
-    def answer(self, images, questions, *, max_new_tokens: int | None = None, top_p: float | None = None,
-               temperature: float = 1.0, seed: int = 0) -> list[str]:
-        """Answer one question per image (greedy by default; nucleus sampling with ``top_p``)."""
-        questions = check_strings("questions", questions)
-        image_ids = self.encode_images(images)
-        if image_ids.shape[0] != len(questions):
-            raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
-        max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
-        check_int("max_new_tokens", max_new, 1, MAX_NEW_TOKENS)
-        check_bounded("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
-        if top_p is not None:
-            check_probability("top_p", top_p)
-        ids = mmu_prompt_ids(image_ids, [self.encode_text(q) for q in questions], self.config)
-        kwargs = dict(max_new_tokens=max_new, top_p=top_p, temperature=temperature,
-                      seeds=self._seeds(seed, len(questions)), allowed_vocab=self.config.text_vocab_size)
-        answers = self.decoder.answer_ids(ids, **kwargs)
-        return [self.decode_text(a) for a in answers]
+    # ------------------------------------------------------------------------------------- face-text
+    @property
+    def facetext(self):
+        """The face-text model: the checkpoint's embedder, else the shipped face-s one (loaded on first use)."""
+        if self._facetext is None:
+            from fastface.facetext.model import FaceTextModel
+
+            self._facetext = FaceTextModel.load()
+        return self._facetext
+
+    def similarity(self, images, texts) -> torch.Tensor:
+        """Face-text cosine similarity [I, T] (float32) of each image with each text (``fastface search`` ranks
+        by it; ``fastface eval`` reports it for generated faces). Images as for ``answer`` (PIL, uint8 arrays,
+        or codebook ids, which are decoded first)."""
+        texts = check_strings("texts", texts)
+        pixels = self._pixels_or_decoded(images)
+        if not pixels:
+            raise ValueError("images is empty")
+        ft = self.facetext
+        return ft.embed_images(np.stack(pixels)) @ ft.embed_texts(texts).T
 
     # ------------------------------------------------------------------------------------------ logits
     def logits(self, ids) -> torch.Tensor:
@@ -218,5 +279,5 @@ def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipelin
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the embedded default model is missing from this install ({path})")
-    model, tokenizer, image_tokenizer, _ = load_checkpoint(path, dtype=DTYPES[dtype])
-    return Pipeline(model, tokenizer, image_tokenizer, backend=backend)
+    model, tokenizer, image_tokenizer, config = load_checkpoint(path, dtype=DTYPES[dtype])
+    return Pipeline(model, tokenizer, image_tokenizer, backend=backend, embedder=load_embedder(path, config))

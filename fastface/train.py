@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from fastface import ops
 from fastface.checkpoint import load_checkpoint, read_config, save_checkpoint
@@ -50,7 +51,9 @@ from fastface.loss import mask_ratio_schedule, next_token_loss
 from fastface.lr_schedule import lr_at
 from fastface.model import FaceTransformer
 from fastface.prompts import t2i_prompt_ids, t2i_sequence
-from fastface.weights import CheckpointError, atomic_write
+from fastface.weights import CheckpointError, atomic_write, write_json
+
+DEFAULT_EMBEDDER = Path(__file__).parent / "assets" / "face-s" / "facetext.safetensors"
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -58,7 +61,7 @@ from fastface.weights import CheckpointError, atomic_write
 class SyntheticData:
     """Random image tokens with random captions and QA pairs: a data source for tests and smoke runs."""
 
-    def __init__(self, config: FaceConfig, size: int = 64, seed: int = 0):
+    def __init__(self, config: FaceConfig, size: int = 64, seed: int = 0, embeddings: bool = False):
         gen = torch.Generator().manual_seed(seed)
         self.config = config
         self.images = torch.randint(0, config.codebook_size, (size, config.image_tokens), generator=gen)
@@ -67,6 +70,10 @@ class SyntheticData:
                                        generator=gen).tolist() for _ in range(size)]
         self.qa = [[(torch.randint(lo, hi, (3,), generator=gen).tolist(), [int(self.images[i, 0]) % (hi - lo) + lo])]
                    for i in range(size)]
+        self.e_sem = self.e_id = None
+        if embeddings:
+            self.e_sem = torch.nn.functional.normalize(torch.randn(size, config.sem_dim, generator=gen), dim=1)
+            self.e_id = torch.nn.functional.normalize(torch.randn(size, config.id_dim, generator=gen), dim=1)
 
     def __len__(self):
         return len(self.images)
@@ -76,6 +83,10 @@ class SyntheticData:
 
     def mmu_example(self, index: int, gen: torch.Generator):
         return self.images[index], self.qa[index]
+
+    def embeddings(self, index: int):
+        """Random unit (e_sem, e_id) per example when built with ``embeddings=True`` (tests), else None."""
+        return None if self.e_sem is None else (self.e_sem[index], self.e_id[index])
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -96,6 +107,11 @@ class Batch:
     mmu_rows: torch.Tensor  # [Bm]
     next_targets: torch.Tensor  # [Bm, L] next-token targets
     answer_mask: torch.Tensor  # [Bm, L] positions whose next token is an answer token or its <eos>
+    # understanding embeddings (data with an embedder): [B, sem_dim] / [B, id_dim], zero rows for t2i rows (the
+    # generation group's experts read neither)
+    e_sem: torch.Tensor | None = None
+    e_id: torch.Tensor | None = None
+    t2i_text: list | None = None  # [Bt] the caption ids of each t2i row ([] when dropped for guidance)
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -129,7 +145,7 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
         g = step_generator(seed, step, salt=1 + row)  # per-example randomness, independent of the rank
         if is_mmu[row]:
             image, qa = data.mmu_example(index[row], g)
-            rows_mmu.append(mmu_sequence(image, qa, config))
+            rows_mmu.append((*mmu_sequence(image, qa, config), index[row]))
         else:
             caption, image = data.t2i_example(index[row], g)
             if float(torch.rand(1, generator=g)) < config.cond_dropout:
@@ -152,7 +168,7 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
         targets_t.append(image)
         ratio_t.append(m)
     answer_rows = []
-    for ids, is_answer, is_cond in rows_mmu:
+    for ids, is_answer, is_cond, _ in rows_mmu:
         seqs.append(ids)
         tasks.append(0)
         conds.append(torch.tensor(is_cond))
@@ -173,7 +189,14 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
         full = torch.zeros(L, dtype=torch.bool)
         full[L - len(is_answer):] = is_answer
         answer_mask[j, :-1] = full[1:]  # position p predicts token p + 1
+    e_sem = e_id = None
+    if rows_mmu and getattr(data, "embeddings", None) is not None and data.embeddings(rows_mmu[0][3]) is not None:
+        e_sem = torch.zeros(len(seqs), config.sem_dim)
+        e_id = torch.zeros(len(seqs), config.id_dim)
+        for j, (*_, face) in enumerate(rows_mmu):
+            e_sem[Bt + j], e_id[Bt + j] = data.embeddings(face)
     return Batch(
+        e_sem=e_sem, e_id=e_id, t2i_text=[list(c) for c, *_ in rows_t2i],
         input_ids=input_ids, task=torch.tensor(tasks, dtype=torch.long), cond_mask=cond_mask,
         t2i_rows=torch.arange(Bt), image_start=L - N - 1,
         masked=torch.stack(masked_t) if Bt else torch.zeros(0, N, dtype=torch.bool),
@@ -193,10 +216,62 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="reference", autocast=False):
-    """(loss to backpropagate, dict of float32 statistics). Sums divided by global (all-rank) counts."""
+class SemanticConsistency:
+    """UniDiff's reciprocal semantic consistency (RSC) for text-to-image rows: the face-text embedding of the image
+    the model predicts is pulled toward its prompt's, so that fine-tuning on few pairs keeps images faithful to
+    their text. Training only: inference never runs it (the model has no extra parameter).
+
+    The predicted image is differentiable: each masked position's softmax over the codebook mixes the code vectors
+    (known positions keep their own code), the mix is l2-normalised (codes are unit vectors) and decoded by the
+    frozen image tokenizer; the frozen face-text model embeds the pixels. Loss: the mean of 1 - cos(image, prompt)
+    over rows with a prompt (rows whose caption was dropped for guidance have none).
+    """
+
+    def __init__(self, image_tokenizer, embedder, config: FaceConfig):
+        import copy
+
+        if image_tokenizer is None or not hasattr(image_tokenizer, "decode_latents"):
+            raise ValueError("rsc needs the run's image tokenizer (a fastface VQ model)")
+        if embedder is None:
+            raise ValueError("rsc needs a face-text model (--embedder)")
+        if image_tokenizer.config.codebook_size != config.codebook_size:
+            raise ValueError(f"rsc: the image tokenizer has {image_tokenizer.config.codebook_size} codes, the model "
+                             f"{config.codebook_size}")
+        if embedder.config.vocab_size != config.text_vocab_size:
+            raise ValueError(f"rsc: the face-text model reads {embedder.config.vocab_size} text ids, the model "
+                             f"{config.text_vocab_size}")
+        self.vq = copy.deepcopy(image_tokenizer).eval().requires_grad_(False)
+        self.tower = copy.deepcopy(embedder._fast).eval().requires_grad_(False)
+        self.head = copy.deepcopy(embedder.model).eval().requires_grad_(False)
+        self.max_text_len = embedder.config.max_text_len
+        self.grid = image_tokenizer.config.grid
+
+    def __call__(self, image_logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """image logits [Bt, N, K] of the t2i rows -> the RSC loss (None when no row has a prompt)."""
+        from fastface.facetext.model import pad_ids, tower_features
+
+        rows = [i for i, t in enumerate(batch.t2i_text or []) if t]
+        if not rows:
+            return None
+        rows_t = torch.tensor(rows)
+        probs = torch.softmax(image_logits[rows_t].float(), dim=-1)  # [R, N, K]
+        known = F.one_hot(batch.targets[rows_t], probs.shape[-1]).float()
+        probs = torch.where(batch.masked[rows_t, :, None], probs, known)
+        codes = F.normalize(probs @ self.vq.quantizer.codebook.float(), dim=-1)  # [R, N, D]
+        pixels = self.vq.decode_latents(codes.view(len(rows), self.grid, self.grid, -1))  # [-1, 1]
+        x = ((pixels.clamp(-1, 1) + 1) / 2 - self.tower.pixel_mean) / self.tower.pixel_std
+        image = self.head.embed_features(tower_features(self.tower, x))
+        with torch.no_grad():
+            text = self.head.text(*pad_ids([batch.t2i_text[i] for i in rows], self.max_text_len))
+        return (1 - (image * text).sum(-1)).mean()
+
+
+def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="reference", autocast=False, rsc=None,
+               rsc_weight: float = 0.0):
+    """(loss to backpropagate, dict of float32 statistics). Sums divided by global (all-rank) counts. ``rsc`` (a
+    ``SemanticConsistency``) adds ``rsc_weight`` x its loss on the t2i rows."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch.input_ids, batch.task, cond_mask=batch.cond_mask)
+        out = model(batch.input_ids, batch.task, cond_mask=batch.cond_mask, e_sem=batch.e_sem, e_id=batch.e_id)
     logits = out.logits
     K, off, N = config.codebook_size, config.image_token_offset, config.image_tokens
     counts = all_reduce_sum(torch.tensor([float(batch.masked.sum()), float(batch.answer_mask.sum()),
@@ -213,6 +288,11 @@ def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="referen
         t2i_loss = per_row.sum() / n_masked
         loss = loss + t2i_loss
         stats["t2i"] = float(t2i_loss.detach())
+        if rsc is not None and rsc_weight > 0:
+            rsc_loss = rsc(img_logits, batch)
+            if rsc_loss is not None:
+                loss = loss + rsc_weight * rsc_loss
+                stats["rsc"] = float(rsc_loss.detach())
     if len(batch.mmu_rows):
         mmu_logits = logits[batch.mmu_rows]
         # next_token_loss is a mean over this rank's answer tokens; rescale to the global count
@@ -261,6 +341,43 @@ def load_optimizer_tensors(model, optimizer, tensors: dict, scalars: dict):
             "exp_avg": tensors[f"{name}.exp_avg"].clone(),
             "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].clone(),
         }
+
+
+def write_run_state(out: Path, model, optimizer, step: int, settings: dict, config: dict, **extra) -> None:
+    """A small model's run state: ``state.safetensors`` (weights ``model.*``, AdamW moments ``adam.*``) and
+    ``state.json`` (step, settings, config, AdamW step counts, ``extra``), each written atomically."""
+    from safetensors.torch import save_file
+
+    tensors, scalars = optimizer_tensors(model, optimizer)
+    tensors = {**{f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+               **{f"adam.{k}": v for k, v in tensors.items()}}
+    atomic_write(out / "state.safetensors", lambda p: save_file(tensors, str(p)))
+    write_json(out / "state.json", {"step": step, "adam_steps": scalars, "settings": settings, "config": config,
+                                    **extra})
+
+
+def read_run_state(out: Path, model, optimizer, settings: dict | None, defaults: dict | None, log=print) -> int:
+    """Load the state ``write_run_state`` left in ``out`` into ``model`` (and ``optimizer`` when given) -> the
+    step it reached (0 when ``out`` holds none). With ``settings``, the run's stored settings must equal them
+    (a field added since the run started counts at its value in ``defaults``)."""
+    from safetensors.torch import load_file
+
+    if not (out / "state.json").is_file():
+        return 0
+    meta = json.loads((out / "state.json").read_text())
+    if settings is not None:
+        wanted = json.loads(json.dumps(settings))
+        stored = {**json.loads(json.dumps(defaults or {})), **meta["settings"]}
+        stored = {k: v for k, v in stored.items() if k in wanted}
+        if stored != wanted:
+            raise ValueError(f"{out}: its run was started with other settings: {meta['settings']}")
+    tensors = load_file(str(out / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None:
+        load_optimizer_tensors(model, optimizer, {k[5:]: v for k, v in tensors.items() if k.startswith("adam.")},
+                               meta["adam_steps"])
+        log(f"resumed {out} at step {meta['step']}")
+    return int(meta["step"])
 
 
 class RunDirError(RuntimeError):
@@ -347,7 +464,8 @@ def prepare_run_dir(out: Path, *, resume: bool = True, overwrite: bool = False) 
                           "delete them and start again (--overwrite)")
 
 
-def save_train_state(out: Path, step: int, model, tokenizer, optimizer, meta: dict, image_tokenizer=None, keep=2):
+def save_train_state(out: Path, step: int, model, tokenizer, optimizer, meta: dict, image_tokenizer=None, keep=2,
+                     embedder=None):
     """Write ``out/step-XXXXXXX`` atomically (temp directory + rename), then point ``out/latest`` at it, then prune.
 
     A failed write (e.g. ``OSError`` on a full disk) removes its temporary folder and re-raises, leaving ``latest``
@@ -361,7 +479,7 @@ def save_train_state(out: Path, step: int, model, tokenizer, optimizer, meta: di
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_checkpoint(tmp, model, tokenizer, image_tokenizer)
+        save_checkpoint(tmp, model, tokenizer, image_tokenizer, embedder=embedder)
         tensors, scalars = optimizer_tensors(model, optimizer)
         atomic_write(tmp / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
         text = json.dumps({**meta, "step": step, "adam_steps": scalars}, indent=1)
@@ -450,17 +568,23 @@ class TrainSettings:
     autocast: bool = False
     loss_backend: str = "auto"
     max_seconds: float | None = None  # wall-time budget: stop (and checkpoint) once exceeded
+    rsc_weight: float = 0.0  # reciprocal semantic consistency (``SemanticConsistency``); 0 = off
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_bounded("mmu_fraction", self.mmu_fraction, 0, 1)
+        check_bounded("rsc_weight", self.rsc_weight, 0, 1e3)
 
 
 def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = None, *, image_tokenizer=None,
           resume: bool = True, overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
           log=None) -> list[dict]:
     """Train ``model`` in place. Returns the per-step statistics of this run (global loss values).
+
+    Data with an embedder (``FaceWorldData.build(embedder=...)``) feeds each understanding row its image's
+    ``e_sem``/``e_id`` and saves the embedder with every checkpoint; ``settings.rsc_weight`` > 0 adds the
+    reciprocal semantic consistency loss (``SemanticConsistency``, with that embedder and ``image_tokenizer``).
 
     With ``out``, the run resumes from the newest complete checkpoint there (``latest_state``) unless ``resume``
     is False, which refuses a directory holding checkpoints (``RunDirError``) unless ``overwrite`` (delete them
@@ -472,6 +596,8 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
+    embedder = getattr(data, "embedder", None)
+    rsc = SemanticConsistency(image_tokenizer, embedder, config) if settings.rsc_weight > 0 else None
 
     def note(line):
         print(f"fastface train: {line}", file=sys.stderr)
@@ -513,7 +639,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=settings.lr, warmup=settings.warmup, total=settings.steps)
         loss, stats = batch_loss(model, batch, config, loss_backend=settings.loss_backend,
-                                 autocast=settings.autocast)
+                                 autocast=settings.autocast, rsc=rsc, rsc_weight=settings.rsc_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -539,7 +665,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
         if out is not None and rank == 0 and ((step + 1) % settings.save_every == 0 or last):
             try:
                 save_train_state(out, step + 1, model, tokenizer, optimizer, {"seed": settings.seed, "world": world},
-                                 image_tokenizer)
+                                 image_tokenizer, embedder=embedder)
             except OSError as exc:
                 if bar is not None:
                     bar.close()
@@ -613,6 +739,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints in --out (its step-* folders and latest) before training, then start "
                         "from step 0 (implies --no-resume; train.log is kept and appended to)")
+    p.add_argument("--embedder", nargs="?", const=str(DEFAULT_EMBEDDER), default=None, metavar="FACETEXT",
+                   help="feed understanding rows the e_sem/e_id of their image from this face-text model (default "
+                        "when given without a file: the shipped one); it is saved with every checkpoint")
+    p.add_argument("--rsc", type=arg_nonnegative_float, default=0.0, metavar="WEIGHT",
+                   help="weight of the reciprocal semantic consistency loss on t2i rows (needs --embedder; 0 = off)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint directory's weights (e.g. fastface/assets/face-s) with a fresh "
                         "optimiser and schedule; a resumable state in --out takes precedence")
@@ -621,6 +752,8 @@ def add_arguments(p: argparse.ArgumentParser):
 def build_data(args, config: FaceConfig):
     """(data source, text tokenizer, image tokenizer or None) for the run."""
     if args.data == "synthetic":
+        if args.embedder or args.rsc:
+            raise ValueError("--embedder and --rsc need face-world data (--data faceworld)")
         from fastface.tokenizer import build_text_tokenizer
 
         words = [f"w{i}" for i in range(config.text_vocab_size - len(SPECIAL_TOKENS))]
@@ -628,7 +761,8 @@ def build_data(args, config: FaceConfig):
     from fastface.data.training import FaceWorldData
 
     data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer,
-                               qa_per_example=args.qa_per_example, caption_rate=args.caption_rate)
+                               qa_per_example=args.qa_per_example, caption_rate=args.caption_rate,
+                               embedder=args.embedder)
     return data, data.tokenizer, data.image_tokenizer
 
 
@@ -671,7 +805,7 @@ def run(args) -> int:
         init_weights(model, args.init)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
-                             autocast=args.bf16,
+                             autocast=args.bf16, rsc_weight=args.rsc,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     log_file = out / "train.log"
 

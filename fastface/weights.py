@@ -146,6 +146,23 @@ def stored_config(file, *, legacy_keys: tuple[str, ...] = (), sidecar: bool = Tr
     return None
 
 
+def load_config(file, from_dict: Callable[[dict], object], what: str, *, missing: str = "",
+                legacy_keys: tuple[str, ...] = ()):
+    """The config of a small saved model ``file`` (its metadata, else ``<stem>.json``) built by ``from_dict``.
+    ``FileNotFoundError`` for a missing file (``missing`` says how to make one); ``CheckpointError`` for no
+    config or a bad one, naming ``what``."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no {what} weights{f' ({missing})' if missing else ''}")
+    config = stored_config(file, legacy_keys=legacy_keys)
+    if config is None:
+        raise CheckpointError(f"{file}: no {what} config in the file's metadata nor in {file.with_suffix('.json')}")
+    try:
+        return from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: config: {exc}") from None
+
+
 def _parse_config(text: str, where: str) -> dict:
     try:
         config = json.loads(text)

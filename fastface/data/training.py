@@ -51,13 +51,18 @@ class FaceWorldData:
     image_tokenizer: object
     qa_per_example: int = QA_PER_EXAMPLE
     caption_rate: float = 0.0  # share of understanding examples whose first turn asks for the whole caption
+    embedder: object = None  # a FaceTextModel: e_sem and e_id of each face for the understanding experts
+    e_sem: torch.Tensor | None = None  # [n, sem_dim] float32, from the rendered pixels (not the tokens)
+    e_id: torch.Tensor | None = None  # [n, id_dim]
 
     def __len__(self):
         return len(self.attrs)
 
     @classmethod
     def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True,
-              qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0):
+              qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0, embedder=None):
+        """Render ``faces`` faces of dataset ``seed`` and tokenize them; with ``embedder`` (a ``FaceTextModel`` or
+        the path of one) also compute their understanding embeddings (``e_sem``, ``e_id``) from the pixels."""
         from fastface.data.dataset import make_dataset
         from fastface.tokenizer import default_text_tokenizer
 
@@ -69,8 +74,19 @@ class FaceWorldData:
             image_tokenizer = load_image_tokenizer(image_tokenizer)
         data = make_dataset(faces, seed=seed, captions=False)
         tokens = encode_images(image_tokenizer, data["images"])
+        e_sem = e_id = None
+        if embedder is not None:
+            if isinstance(embedder, (str, Path)):
+                from fastface.facetext.model import FaceTextModel
+
+                embedder = FaceTextModel.load(embedder)
+            e_sem, e_id = embedder.understanding_embeddings(data["images"])
         return cls(config, data["attrs"], tokens, default_text_tokenizer(config.text_vocab_size),
-                   image_tokenizer, qa_per_example, float(caption_rate))
+                   image_tokenizer, qa_per_example, float(caption_rate), embedder, e_sem, e_id)
+
+    def embeddings(self, index: int):
+        """(e_sem [sem_dim], e_id [id_dim]) of face ``index``, or None without an embedder."""
+        return None if self.e_sem is None else (self.e_sem[index], self.e_id[index])
 
     def encode(self, text: str) -> list[int]:
         return encode_text(self.tokenizer, text)

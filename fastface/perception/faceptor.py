@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.checks import check_config_float, check_config_int, check_config_ints
+from fastface.checks import check_config_float, check_config_int, check_config_ints, config_from_dict
 from fastface.config import MAX_HIDDEN, MAX_IMAGE_SIZE
 from fastface.data.attributes import ATTRIBUTES
 from fastface.data.renderer import LANDMARKS, PARSING_CLASSES
@@ -124,13 +124,7 @@ class FaceptorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> FaceptorConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"Faceptor config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FaceptorConfig field(s): {', '.join(map(repr, unknown))}")
-        return cls(**data)
+        return config_from_dict(cls, data, "Faceptor")
 
 
 PRESETS = {
@@ -259,6 +253,17 @@ class Faceptor(nn.Module):
             q = layer(q, mem)
         return self.decoder_norm(q)
 
+    def query_states(self, x: torch.Tensor, tasks=("attributes",)) -> dict[str, torch.Tensor]:
+        """Normalised float [B, 3, S, S] -> each task's refined queries {task: [B, Q, D]} (what its heads read;
+        the face-text model's image tower reads the attribute queries)."""
+        memory, _ = self.encode(x)
+        weights = self.layer_weights()
+        return {t: self.decode_queries(t, memory, weights[t]) for t in tasks}
+
+    def identity_embedding(self, q_identity: torch.Tensor) -> torch.Tensor:
+        """The identity task's refined query [B, 1, D] -> ``e_id`` [B, id_dim], float32, unit rows."""
+        return F.normalize(self.identity_head(q_identity[:, 0]).float(), dim=1)
+
     def pixel_embeddings(self, x: torch.Tensor, memory: torch.Tensor, weights: torch.Tensor, level_out) -> torch.Tensor:
         """Pixel decoder -> [B, P, S, S]."""
         B, g = x.shape[0], self.config.memory_grid
@@ -283,7 +288,7 @@ class Faceptor(nn.Module):
         if "attributes" in q:
             out["attributes"] = [head(q["attributes"][:, k]) for k, head in enumerate(self.attribute_heads)]
         if "identity" in q:
-            out["identity"] = F.normalize(self.identity_head(q["identity"][:, 0]).float(), dim=1)
+            out["identity"] = self.identity_embedding(q["identity"])
         dense = [t for t in ("parsing", "landmarks") if t in q]
         if dense:
             pix = self.pixel_embeddings(x, memory, weights["pixel"], level_out)  # [B, P, S, S]

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from fastface.data.attributes import ATTRIBUTES, N_IDENTITIES
 from fastface.lr_schedule import lr_at
@@ -52,8 +51,8 @@ from fastface.perception.train import (
     identity_pairs,
     mean_accuracy,
 )
-from fastface.train import load_optimizer_tensors, optimizer_tensors
-from fastface.weights import atomic_write, write_json
+from fastface.train import read_run_state, write_run_state
+from fastface.weights import atomic_write
 
 EVAL_SEED = 30_000  # held-out pairs: identities >= HELD_OUT_IDENTITIES, seed apart from the classifier's
 
@@ -243,12 +242,7 @@ def sparse_labels(labels: np.ndarray, fractions: dict, seed: int, keep_attribute
 
 
 def _save_state(out: Path, model, opt, step: int, running: torch.Tensor, settings: FaceptorTrainSettings):
-    tensors, scalars = optimizer_tensors(model, opt)
-    tensors = {**{f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
-               **{f"adam.{k}": v for k, v in tensors.items()}}
-    atomic_write(out / "state.safetensors", lambda p: save_file(tensors, str(p)))
-    write_json(out / "state.json", {"step": step, "adam_steps": scalars, "running": running.tolist(),
-                                    "settings": asdict(settings), "config": model.config.to_dict()})
+    write_run_state(out, model, opt, step, asdict(settings), model.config.to_dict(), running=running.tolist())
 
 
 def train_faceptor(settings: FaceptorTrainSettings, out: Path, *, data: dict | None = None, cache: Path | None = None,
@@ -280,21 +274,9 @@ def train_faceptor(settings: FaceptorTrainSettings, out: Path, *, data: dict | N
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.99))
     running = torch.tensor([math.log(k) for k in cfg.num_values])
-    start = 0
-    if (out / "state.json").is_file():
-        meta = json.loads((out / "state.json").read_text())
-        wanted = json.loads(json.dumps(asdict(settings)))
-        defaults = json.loads(json.dumps(asdict(FaceptorTrainSettings())))
-        stored = {**{k: v for k, v in defaults.items() if k not in meta["settings"]}, **meta["settings"]}
-        if stored != wanted:  # (a field added since the run started counts at its default)
-            raise ValueError(f"{out}: its run was started with other settings: {meta['settings']}")
-        tensors = load_file(str(out / "state.safetensors"))
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_tensors(model, opt, {k[5:]: v for k, v in tensors.items() if k.startswith("adam.")},
-                               meta["adam_steps"])
-        running = torch.tensor(meta["running"])
-        start = int(meta["step"])
-        log(f"resumed {out} at step {start}")
+    start = read_run_state(out, model, opt, asdict(settings), asdict(FaceptorTrainSettings()), log)
+    if start:
+        running = torch.tensor(json.loads((out / "state.json").read_text())["running"])
     model = model.to(memory_format=torch.channels_last).train()
     mirror = mirror_permutation(cfg.landmarks)
     S = cfg.image_size
@@ -363,8 +345,7 @@ def run_state(out: Path) -> tuple[Faceptor, dict]:
     """The model saved in run directory ``out`` and its state.json."""
     meta = json.loads((Path(out) / "state.json").read_text())
     model = Faceptor(FaceptorConfig.from_dict(meta["config"]))
-    tensors = load_file(str(Path(out) / "state.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    read_run_state(Path(out), model, None, None, None)
     return model.eval(), meta
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface.checks import check_config_float, check_config_int, check_config_ints
+from fastface.checks import check_config_float, check_config_int, check_config_ints, config_from_dict
 from fastface.config import MAX_HIDDEN, MAX_IMAGE_SIZE
 from fastface.data.attributes import ATTRIBUTES
 from fastface.weights import CheckpointError, load_module, save_module, stored_config
@@ -108,13 +108,8 @@ class PerceptionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PerceptionConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"perception config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PerceptionConfig field(s): {', '.join(map(repr, unknown))}")
-        return cls(**{"feature_activation": "relu", **data})  # files from before the field had a ReLU there
+        # files from before the field had a ReLU there
+        return config_from_dict(cls, data, "perception", {"feature_activation": "relu"})
 
 
 PRESETS = {

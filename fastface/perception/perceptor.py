@@ -27,7 +27,7 @@ import torch
 from fastface.checks import check_choice
 from fastface.data.attributes import ATTRIBUTES
 from fastface.perception.faceptor import Faceptor, FaceptorConfig, fused_for_inference
-from fastface.weights import CheckpointError, load_module, save_module, stored_config
+from fastface.weights import load_config, load_module, save_module
 
 DEFAULT_PATH = Path(__file__).parents[1] / "assets" / "face-s" / "faceptor.safetensors"
 
@@ -56,7 +56,7 @@ class Verification(NamedTuple):
     same: bool  # score >= the threshold
 
 
-def _as_batch(images, size: int, name: str = "images") -> torch.Tensor:
+def image_batch(images, size: int, name: str = "images") -> torch.Tensor:
     """uint8 RGB images [B, S, S, 3] from a tensor, an array, or a list of arrays / PIL images (no resizing, no
     colour conversion: the model reads S x S RGB faces)."""
     if isinstance(images, (list, tuple)):
@@ -131,16 +131,8 @@ class Perceptor:
     def load(cls, path=None, *, dtype: torch.dtype = torch.float32) -> Perceptor:
         """Read a file written by ``export_run`` (default: the shipped face-s Faceptor)."""
         path = Path(DEFAULT_PATH if path is None else path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no Faceptor weights (train one with `python -m "
-                                    f"fastface.perception.faceptor_train --train --out RUN`, then --export RUN)")
-        config = stored_config(path)
-        if config is None:
-            raise CheckpointError(f"{path}: no Faceptor config in the file's metadata nor beside it")
-        try:
-            cfg = FaceptorConfig.from_dict(config)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: config: {exc}") from None
+        cfg = load_config(path, FaceptorConfig.from_dict, "Faceptor", missing="train one with `python -m "
+                          "fastface.perception.faceptor_train --train --out RUN`, then --export RUN")
         return cls(load_module(path, lambda: Faceptor(cfg)), dtype=dtype)
 
     def save(self, path) -> Path:
@@ -153,7 +145,7 @@ class Perceptor:
         [B, A] (value indices), ``identity`` [B, id_dim] (float32)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        images = _as_batch(images, self.image_size)
+        images = image_batch(images, self.image_size)
         tasks = tuple(tasks) if tasks is not None else ("parsing", "landmarks", "attributes", "identity")
         chunks: dict[str, list] = {}
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)

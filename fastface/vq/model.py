@@ -35,9 +35,10 @@ from fastface.checks import (
     check_config_ints,
     check_token_ids,
     check_uint8_images,
+    config_from_dict,
 )
 from fastface.config import MAX_IMAGE_SIZE, MAX_VOCAB
-from fastface.weights import CheckpointError, load_module, save_module, stored_config
+from fastface.weights import load_config, load_module, save_module
 
 # Bounds of a VQConfig beside fastface.config's (MAX_IMAGE_SIZE, MAX_VOCAB for the codebook), checked before any
 # allocation. Generous: the SD / VQGAN autoencoders use 128..512 channels, 2 ResBlocks and 5 levels; MAGVIT-v2 has
@@ -100,13 +101,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VQConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"image tokenizer config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VQConfig field(s): {', '.join(map(repr, unknown))}")
-        return cls(**data)
+        return config_from_dict(cls, data, "image tokenizer")
 
 
 PRESETS = {
@@ -257,15 +252,7 @@ class VQModel(nn.Module):
         is not safetensors, has no config, or whose tensors do not match it.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no image tokenizer weights")
-        config = stored_config(path, legacy_keys=("fastface_vq_config",))
-        if config is None:
-            raise CheckpointError(f"{path}: no VQ config in the file's metadata nor in {path.with_suffix('.json')}")
-        try:
-            vq_config = VQConfig.from_dict(config)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: config: {exc}") from None
+        vq_config = load_config(path, VQConfig.from_dict, "image tokenizer", legacy_keys=("fastface_vq_config",))
         model = load_module(path, lambda: cls(vq_config))  # checked on a meta skeleton before it is built
         model.quantizer.reset_ema()
         return model.eval()

@@ -1,0 +1,1 @@
+"""Face-text contrastive learning: ``fastface.facetext.model`` (the model), ``fastface.facetext.train``."""
