@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    ("serve", "fastface.server", "serve the model over HTTP (OpenAI-compatible)"),
                                    ("convert", "fastface.convert", "convert another model's checkpoint"),
                                    ("perceive", "fastface.perception.cli",
-                                    "landmarks, parsing, attributes and identity of face images")):
+                                    "landmarks, parsing, attributes and identity of face images"),
+                                   ("search", "fastface.facetext.cli", "rank a folder of face images by a text")):
         _add_delegated(sub, name, module, helptext)
     return parser
 
@@ -301,7 +302,7 @@ def cmd_delegated(args):
 
 COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,
             "eval": cmd_delegated, "serve": cmd_delegated, "convert": cmd_delegated,
-            "perceive": cmd_delegated}
+            "perceive": cmd_delegated, "search": cmd_delegated}
 
 
 def main(argv=None) -> int:

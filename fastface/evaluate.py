@@ -211,6 +211,7 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
     out.update({"steps": steps, "guidance": guidance, "threshold": threshold,
                 "mean_steps_run": float(np.mean(steps_run)), "attributes_per_prompt": per_prompt,
                 "prompts": len(prompts), "example_prompts": prompts[:3]})
+    out["facetext"] = facetext_scores(pipe, arrays, images, prompts)
     if save_dir is not None:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +219,24 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
             img.save(save_dir / f"{i:04d}.png")
         (save_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return out
+
+
+def facetext_scores(pipe, generated: np.ndarray, real: np.ndarray, prompts: list[str]) -> dict:
+    """The face-text model's agreement of generated faces with their prompts (this project's CLIP-score):
+    ``score`` the mean cosine of each face with its prompt, ``real`` the same for the real renders the prompts
+    describe (the level a perfect generator reaches), ``shuffled`` faces with other faces' prompts (chance), and
+    ``r_at_1`` the share of generated faces whose own prompt scores highest among all the prompts."""
+    try:
+        ft = pipe.facetext
+    except (FileNotFoundError, ValueError) as exc:  # no face-text model in this install
+        return {"skipped": str(exc)}
+    text = ft.embed_texts(prompts)
+    gen, ref = ft.embed_images(generated), ft.embed_images(real)
+    sim = gen @ text.T
+    n = len(prompts)
+    return {"score": float(sim.diagonal().mean()), "real": float((ref * text).sum(1).mean()),
+            "shuffled": float(sim.roll(1, dims=1).diagonal().mean()) if n > 1 else None,
+            "r_at_1": float((sim.argmax(1) == torch.arange(n)).float().mean()), "count": n}
 
 
 # --------------------------------------------------------------------------------------- (c) tokenizer
@@ -342,6 +361,11 @@ def markdown_report(result: dict) -> str:
     if gen:
         lines.append(f"Generation: all prompted attributes {_pct(gen['overall_generated'])} "
                      f"(classifier on real renders {_pct(gen['overall_real'])}; {gen['count']} attribute checks).")
+        ft = gen.get("facetext", {})
+        if "score" in ft:
+            lines.append(f"Face-text score (cosine of a face with its prompt): generated {ft['score']:.3f}, real "
+                         f"renders {ft['real']:.3f}, other faces' prompts {ft['shuffled']:.3f}; own prompt ranked "
+                         f"first among {ft['count']}: {_pct(ft['r_at_1'])}.")
     psnr = result.get("psnr", {})
     if "psnr_db" in psnr:
         lines.append(f"Image tokenizer: reconstruction PSNR {psnr['psnr_db']:.2f} dB (min {psnr['psnr_db_min']:.2f};"

@@ -442,3 +442,76 @@ def test_shipped_rsc_moves_images_toward_their_prompt():
         opt.step()
         values.append(float(loss.detach()))
     assert values[-1] < values[0] - 0.1, values
+
+
+# ------------------------------------------------------------------------------------- search, eval score
+
+def _search(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fastface.cli", "search", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_search_ranks_a_folder_by_the_models_similarity(saved, faces, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    (folder / "sub").mkdir(parents=True)
+    paths = []
+    for i in range(5):
+        p = folder / ("sub" if i % 2 else "") / f"f{i}.png"
+        Image.fromarray(faces["images"][i]).save(p)
+        paths.append(p)
+    Image.fromarray(faces["images"][5]).resize((128, 128)).save(folder / "big.png")  # resized to 64x64
+    (folder / "notes.png").write_text("not an image")
+    r = _search(str(folder), "a smiling woman", "--top", "3", "--model", str(saved), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "skipped" in r.stderr and "notes.png" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["query"] == "a smiling woman" and len(out["results"]) == 3
+    ft = FaceTextModel.load(saved)
+    from fastface.images import open_image
+
+    names = sorted([*map(str, paths), str(folder / "big.png")])
+    arrays = np.stack([np.asarray(open_image(n).resize((64, 64))) for n in names])
+    want = ft.similarity(arrays, ["a smiling woman"])[:, 0]
+    order = torch.argsort(want, descending=True)[:3].tolist()
+    assert [row["image"] for row in out["results"]] == [names[i] for i in order]
+    assert [row["score"] for row in out["results"]] == pytest.approx([float(want[i]) for i in order], abs=1e-3)
+    r = _search(str(folder), "a man", "an old woman", "--model", str(saved))
+    assert r.returncode == 0 and r.stdout.count("# ") == 2
+
+
+def test_search_errors_without_traceback(saved, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args, match in (((str(tmp_path / "none"), "x"), "not a folder"), ((str(tmp_path / "empty"), "x"), "no images"),
+                        ((str(tmp_path / "empty"), "x", "--top", "0"), "--top"),
+                        ((str(tmp_path / "empty"), " "), "query is empty")):
+        r = _search(*args, "--model", str(saved))
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_facetext_scores_contract(embedded_checkpoint, faces):
+    import fastface
+    from fastface.evaluate import facetext_scores
+
+    pipe = fastface.load(embedded_checkpoint, backend="reference")
+    images, prompts = faces["images"][:4], faces["captions"][:4]
+    s = facetext_scores(pipe, images, images, prompts)
+    assert s["count"] == 4 and s["score"] == pytest.approx(s["real"], abs=1e-5)
+    sim = pipe.similarity(images, prompts)
+    assert s["r_at_1"] == pytest.approx(float((sim.argmax(1) == torch.arange(4)).float().mean()))
+    assert s["shuffled"] == pytest.approx(float(sim.roll(1, dims=1).diagonal().mean()), abs=1e-5)
+
+
+@shipped
+def test_shipped_facetext_score_separates_matched_from_shuffled():
+    import fastface
+    from fastface.evaluate import attribute_prompts, facetext_scores
+
+    data = held_out(60)
+    prompts, _ = attribute_prompts(data["attrs"], per_prompt=6)
+    s = facetext_scores(fastface.load(), data["images"], data["images"], prompts)
+    assert s["real"] > s["shuffled"] + 0.3 and s["r_at_1"] > 0.8, s
