@@ -32,4 +32,12 @@ def load_perception(path=None, *, dtype=None):
     return _load_perception(path, dtype=torch.float32 if dtype is None else dtype)
 
 
-__all__ = ["FaceConfig", "PRESETS", "load", "load_perception", "ops", "__version__"]
+def load_facetext(path=None):
+    """Load the face-text contrastive model (default: the shipped face-s one) as a ``FaceTextModel``:
+    ``similarity(images, texts)``, ``embed_images``, ``embed_texts``, ``understanding_embeddings``."""
+    from fastface.facetext.model import load_facetext as _load_facetext
+
+    return _load_facetext(path)
+
+
+__all__ = ["FaceConfig", "PRESETS", "load", "load_facetext", "load_perception", "ops", "__version__"]

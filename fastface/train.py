@@ -309,11 +309,22 @@ def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="referen
 # -------------------------------------------------------------------------------------- optimiser state
 
 
-def make_optimizer(model, lr: float, weight_decay: float):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+EMBEDDING_PROJECTIONS = ("seq_moe.sem_proj.", "seq_moe.id_proj.")
+
+
+def make_optimizer(model, lr: float, weight_decay: float, embedding_lr_scale: float = 1.0):
+    """AdamW: weight decay on matrices (not embeddings); the sequence experts' projections of e_sem/e_id
+    (W_s, W_id) get their own group at ``embedding_lr_scale`` x the learning rate (group key ``lr_scale``)."""
+    proj = lambda n: any(k in n for k in EMBEDDING_PROJECTIONS)  # noqa: E731
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n and not proj(n)]
+    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n) and not proj(n)]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": other, "weight_decay": 0.0, "lr_scale": 1.0}]
+    projections = [p for n, p in named if proj(n)]
+    if projections:
+        groups.append({"params": projections, "weight_decay": weight_decay, "lr_scale": float(embedding_lr_scale)})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def optimizer_tensors(model, optimizer) -> tuple[dict, dict]:
@@ -569,12 +580,14 @@ class TrainSettings:
     loss_backend: str = "auto"
     max_seconds: float | None = None  # wall-time budget: stop (and checkpoint) once exceeded
     rsc_weight: float = 0.0  # reciprocal semantic consistency (``SemanticConsistency``); 0 = off
+    embedding_lr_scale: float = 1.0  # learning-rate factor of the e_sem/e_id projections (W_s, W_id)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_bounded("mmu_fraction", self.mmu_fraction, 0, 1)
         check_bounded("rsc_weight", self.rsc_weight, 0, 1e3)
+        check_bounded("embedding_lr_scale", self.embedding_lr_scale, 0, 1e4)
 
 
 def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = None, *, image_tokenizer=None,
@@ -595,7 +608,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, settings.embedding_lr_scale)
     embedder = getattr(data, "embedder", None)
     rsc = SemanticConsistency(image_tokenizer, embedder, config) if settings.rsc_weight > 0 else None
 
@@ -637,7 +650,7 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
         batch = make_batch(data, config, seed=settings.seed, step=step, batch_size=settings.batch_size,
                            mmu_fraction=settings.mmu_fraction, rank=rank, world=world)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr=settings.lr, warmup=settings.warmup, total=settings.steps)
+            group["lr"] = group["lr_scale"] * lr_at(step, lr=settings.lr, warmup=settings.warmup, total=settings.steps)
         loss, stats = batch_loss(model, batch, config, loss_backend=settings.loss_backend,
                                  autocast=settings.autocast, rsc=rsc, rsc_weight=settings.rsc_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -744,6 +757,9 @@ def add_arguments(p: argparse.ArgumentParser):
                         "when given without a file: the shipped one); it is saved with every checkpoint")
     p.add_argument("--rsc", type=arg_nonnegative_float, default=0.0, metavar="WEIGHT",
                    help="weight of the reciprocal semantic consistency loss on t2i rows (needs --embedder; 0 = off)")
+    p.add_argument("--embedding-lr-scale", type=arg_nonnegative_float, default=1.0, metavar="X",
+                   help="learning-rate factor of the e_sem/e_id projections (they start from their random init: "
+                        "a fine-tune that adds --embedder needs them to move faster than the rest; default 1)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint directory's weights (e.g. fastface/assets/face-s) with a fresh "
                         "optimiser and schedule; a resumable state in --out takes precedence")
@@ -806,6 +822,7 @@ def run(args) -> int:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
                              autocast=args.bf16, rsc_weight=args.rsc,
+                             embedding_lr_scale=args.embedding_lr_scale,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     log_file = out / "train.log"
 
