@@ -209,14 +209,14 @@ def run_model(out: Path) -> FaceTextModel:
 def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> FaceTextModel:
     """Write run ``run``'s trained parts to ``to`` (the tower and tokenizer must sit beside ``to`` under their
     names: the shipped ones do) with its held-out retrieval in the config."""
-    ft = run_model(run)
-    settings = json.loads((Path(run) / "state.json").read_text())["settings"]
+    meta = json.loads((Path(run) / "state.json").read_text())
+    settings = meta["settings"]
     tower = Path(settings["tower"])
-    if tower.resolve().parent != Path(to).resolve().parent:
+    if tower.resolve().parent != Path(to).resolve().parent:  # checked before the model is loaded and evaluated
         raise ValueError(f"--to {to}: must sit beside its image tower {tower}")
+    ft = run_model(run)
     metrics = evaluate(ft, faces)
-    ft.config.metrics = {"retrieval": metrics, "steps": json.loads((Path(run) / "state.json").read_text())["step"],
-                         "settings": settings}
+    ft.config.metrics = {"retrieval": metrics, "steps": meta["step"], "settings": settings}
     ft.config.tokenizer = Path(settings["tokenizer"]).name
     ft.save(to, tower_path=tower)
     log(f"wrote {to}: " + json.dumps(metrics))
