@@ -1,7 +1,9 @@
-"""Command line: ``fastface generate | answer | bench | train | eval | serve | convert``.
+"""Command line: ``fastface generate | answer | describe | edit | bench | train | eval | serve | convert | ...``.
 
     fastface generate "a woman with red hair and green eyes" --num-images 4 --grid -o face.png
     fastface answer face.png "what colour is her hair?"
+    fastface describe face.png                            # a caption, decoded in parallel
+    fastface edit face.png "a woman with blue hair" --region hair -o edited.png
     fastface bench --batch 1 4 16 --json bench.json --plot bench.png
     fastface train --preset face-s --out runs/face-s
 
@@ -86,6 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=arg_positive_int, default=None,
                    help="answer length limit in tokens (default: the model's max_answer_len)")
     _add_model_options(a)
+
+    image_help = ("face picture (any file Pillow reads; as for 'answer'), or a .npy of codebook ids [N] or [images, N] "
+                  "saved by 'generate --tokens' (its first row)")
+    d = sub.add_parser("describe", help="caption face images",
+                       description="Caption face pictures: by masked diffusion (the caption decoded in parallel, "
+                       "default) or autoregressively.")
+    d.add_argument("images", nargs="+", metavar="IMAGE", help=image_help)
+    d.add_argument("--mode", default="diffusion", choices=["diffusion", "autoregressive"],
+                   help="diffusion: every caption token decoded in parallel over --steps; autoregressive: one token "
+                   "at a time (default: diffusion)")
+    d.add_argument("--steps", type=arg_positive_int, default=16, help="parallel decoding steps (default: 16)")
+    d.add_argument("--guidance", type=arg_finite_float, default=0.0,
+                   help="classifier-free guidance against a fully masked image (diffusion; default: 0)")
+    d.add_argument("--seed", type=arg_nonnegative_int, default=0, help="seed of the first image (default: 0)")
+    d.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+    _add_model_options(d)
+
+    from fastface.regions import region_names
+
+    e = sub.add_parser("edit", help="re-draw a region of a face under a new prompt",
+                       description="Re-draw one region of a face picture under a prompt: every image token outside "
+                       "the region is kept, the tokens inside are decoded again.")
+    e.add_argument("image", help=image_help)
+    e.add_argument("prompt", help="text description of the edited face, e.g. 'a woman with blue hair'")
+    e.add_argument("--region", required=True,
+                   help=f"what to re-draw: {', '.join(region_names())} (read from the perception model's parsing of "
+                   "the picture), or a mask file: .png (non-zero pixels, the picture's size) or .npy (bool or 0/1, "
+                   "pixels [S, S] or tokens [N] / [grid, grid])")
+    e.add_argument("--grow", type=arg_nonnegative_int, default=0, help="widen the region by this many tokens "
+                   "(default: 0)")
+    e.add_argument("-o", "--output", default="edited.png",
+                   help="output image path; an existing directory DIR means DIR/edited.png (default: edited.png)")
+    e.add_argument("--steps", type=arg_positive_int, default=16, help="parallel decoding steps (default: 16)")
+    e.add_argument("--guidance", type=arg_finite_float, default=2.0,
+                   help="classifier-free guidance weight (default: 2.0)")
+    e.add_argument("--seed", type=arg_nonnegative_int, default=0, help="seed (default: 0)")
+    _add_model_options(e)
 
     b = sub.add_parser("bench", help="tokens per second per backend, dtype and batch",
                        description="Image tokens/s (generation) and text tokens/s (answering) per backend, dtype and "
@@ -265,27 +304,104 @@ def _read_tokens(path: Path):
     return torch.from_numpy(first)[None]  # [1, N]
 
 
-def cmd_answer(args):
+def _read_image(path_text: str):
+    """A picture file -> [PIL image], or a .npy of codebook ids -> ids [1, N]."""
     from PIL import Image
 
     from fastface.images import open_image
 
-    path = Path(args.image)
+    path = Path(path_text)
     if not path.is_file():
         raise CLIError(f"image file {str(path)!r} does not exist")
     if path.suffix.lower() == ".npy":
-        images = _read_tokens(path)
-    else:
-        with warnings.catch_warnings():  # a header past Pillow's MAX_IMAGE_PIXELS: an error, not a warning line
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            images = [open_image(path)]
+        return _read_tokens(path)
+    with warnings.catch_warnings():  # a header past Pillow's MAX_IMAGE_PIXELS: an error, not a warning line
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return [open_image(path)]
+
+
+def _check_ids(pipe, images, path_text: str) -> None:
+    if not isinstance(images, list) and images.shape[1] != pipe.config.image_tokens:
+        raise CLIError(f"codebook ids file {path_text!r} holds {images.shape[1]} ids per image; this model's "
+                       f"images have {pipe.config.image_tokens}")
+
+
+def cmd_answer(args):
+    images = _read_image(args.image)
     if not args.question.strip():
         raise CLIError("the question is empty")
     pipe = _load(args)
-    if not isinstance(images, list) and images.shape[1] != pipe.config.image_tokens:
-        raise CLIError(f"codebook ids file {str(path)!r} holds {images.shape[1]} ids per image; this model's "
-                       f"images have {pipe.config.image_tokens}")
+    _check_ids(pipe, images, args.image)
     print(pipe.answer(images, [args.question], max_new_tokens=args.max_new_tokens)[0])
+
+
+def cmd_describe(args):
+    import json
+
+    import torch
+
+    inputs = [_read_image(p) for p in args.images]
+    pipe = _load(args)
+    for images, path in zip(inputs, args.images):
+        _check_ids(pipe, images, path)
+    captions = []
+    for b, images in enumerate(inputs):  # each picture with its own seed: the same caption alone or in a list
+        if not isinstance(images, list):
+            images = torch.as_tensor(images)
+        captions += pipe.describe(images, mode=args.mode, steps=args.steps, guidance=args.guidance,
+                                  seed=args.seed + b)
+    if args.json:
+        print(json.dumps([{"image": p, "caption": c} for p, c in zip(args.images, captions)], indent=2))
+    else:
+        for c in captions:
+            print(c)
+
+
+def _read_region(text: str):
+    """--region: a region name, or a mask file (.png / .npy) -> a name or a bool array."""
+    import numpy as np
+
+    from fastface.regions import REGIONS
+
+    if text in REGIONS:
+        return text
+    path = Path(text)
+    if path.suffix.lower() not in (".png", ".npy"):
+        raise CLIError(f"--region must be one of {', '.join(REGIONS)} or a mask file (.png, .npy), got {text!r}")
+    if not path.is_file():
+        raise CLIError(f"region mask file {text!r} does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            mask = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                mask = np.asarray(img.convert("L"))
+    except (ValueError, OSError, EOFError) as exc:
+        raise CLIError(f"cannot read region mask file {text!r}: {exc}") from None
+    if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "biu":
+        raise CLIError(f"region mask file {text!r} must hold one bool or integer array")
+    return mask != 0
+
+
+def cmd_edit(args):
+    out = _output_path(args.output, "edited.png", "output")
+    if out.suffix == "":
+        out = out.with_suffix(".png")
+    fmt = _image_format(out)
+    images = _read_image(args.image)
+    region = _read_region(args.region)
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    pipe = _load(args)
+    _check_ids(pipe, images, args.image)
+    if pipe.image_tokenizer is None:
+        raise CLIError("this checkpoint has no image tokenizer, so it cannot write images")
+    _check_writable(out, "image")
+    edited = pipe.edit(images, [args.prompt], region, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                       grow=args.grow)[0]
+    _write(out, lambda tmp: edited.save(tmp, format=fmt), "image")
 
 
 def cmd_bench(args):
@@ -300,7 +416,8 @@ def cmd_delegated(args):
     return importlib.import_module(args._module).run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "bench": cmd_bench, "train": cmd_delegated,
+COMMANDS = {"generate": cmd_generate, "answer": cmd_answer, "describe": cmd_describe, "edit": cmd_edit,
+            "bench": cmd_bench, "train": cmd_delegated,
             "eval": cmd_delegated, "serve": cmd_delegated, "convert": cmd_delegated,
             "perceive": cmd_delegated, "search": cmd_delegated}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 
 from fastface import backends
-from fastface.sampling import generate_answer_ids, generate_image_tokens
+from fastface.sampling import describe_ids, generate_answer_ids, generate_image_tokens, generate_pair_ids
 
 
 class Decoder:
@@ -65,3 +65,17 @@ class Decoder:
             return self.engine.generate_answer_ids(prompt_ids, timers=timers, **kwargs)
         self.model.set_backend("reference")
         return generate_answer_ids(self.model, prompt_ids, **kwargs)
+
+    def describe_ids(self, image_tokens, *, timers=None, **kwargs):
+        """Caption blocks [B, T]; keyword arguments as ``fastface.sampling.describe_ids``."""
+        if self.uses_engine:
+            return self.engine.describe_ids(image_tokens, timers=timers, **kwargs)
+        self.model.set_backend("reference")
+        return describe_ids(self.model, image_tokens, backend="reference", **kwargs)
+
+    def pair_ids(self, *, timers=None, **kwargs):
+        """(caption blocks [B, T], image ids [B, N]); keyword arguments as ``fastface.sampling.generate_pair_ids``."""
+        if self.uses_engine:
+            return self.engine.generate_pair_ids(timers=timers, **kwargs)
+        self.model.set_backend("reference")
+        return generate_pair_ids(self.model, backend="reference", **kwargs)

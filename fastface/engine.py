@@ -55,12 +55,24 @@ from fastface.model import (
     BlockContext,
     SeqMixture,
     StaticKVCache,
+    default_cond_mask,
     default_positions,
     omni_attention_mask,
+    token_valid,
 )
 from fastface.profiling import OFF, SECTIONS, Timers
-from fastface.prompts import t2i_prompt_ids
-from fastface.sampling import sample_next_token, step_confidence_temperature, step_noise
+from fastface.prompts import describe_sequence, joint_sequence, t2i_prompt_ids, text_block_length
+from fastface.sampling import (
+    IMAGE_STREAM,
+    TEXT_STREAM,
+    decode_step,
+    initial_image_state,
+    pair_text_state,
+    sample_next_token,
+    step_confidence_temperature,
+    step_noise,
+    text_logit_bias,
+)
 
 
 @dataclass
@@ -85,13 +97,25 @@ class _Prefix:
 
 @dataclass
 class _StepBuffers:
-    """Per-(R, P, dtype, device) state of the t2i step loop, reused across requests."""
+    """Per-(R, P, S, group, dtype, device) state of a segment step loop, reused across requests."""
 
     kv: StaticKVCache  # [R, nh, P + S, hd] per layer: the prompt at [0, P), the segment at [P, P + S)
-    ids: torch.Tensor  # [R, S] the image segment's ids
+    ids: torch.Tensor  # [R, S] the segment's ids
     mask: torch.Tensor  # [R, 1, S, P + S] additive (0 / -inf)
     groups: torch.Tensor  # [R * S] expert group of each segment token
     task: torch.Tensor  # [R]
+    key: tuple = ()
+
+
+@dataclass
+class _Segment:
+    """What one segment decoding loop decodes: the segment's decoded positions, the head's columns and the ids."""
+
+    positions: slice  # decoded positions within the segment
+    columns: slice  # LM head columns (codebook or text)
+    offset: int  # unified id = decoded value + offset
+    stream: int  # noise stream (``sampling.step_noise``)
+    logit_bias: torch.Tensor | None = None  # added to the head's logits (text: banned specials)
 
 
 def _serialised(method):
@@ -123,9 +147,9 @@ class Engine:
         self._lock = threading.Lock()  # held by each decoding call: the buffers below are shared across calls
         self.cuda_graphs = cuda_graphs
         self.last_stats = GenerationStats()
-        self._uncond_cache: tuple | None = None  # (weights key, _Prefix of the empty prompt)
-        self._buffers: dict = {}  # (R, P, dtype, device) -> _StepBuffers
-        self._graphs: dict = {}  # (R, P, dtype, device) -> captured CUDA graph state, or False
+        self._uncond_cache: dict = {}  # kind -> (weights key, _Prefix of that unconditional prompt)
+        self._buffers: dict = {}  # (R, P, S, group, dtype, device) -> _StepBuffers
+        self._graphs: dict = {}  # the same keys -> captured CUDA graph state, or False
         c = self.config
         self._codebook = slice(c.image_token_offset, c.image_token_offset + c.codebook_size)
 
@@ -141,7 +165,8 @@ class Engine:
         return (self.dtype, self.device, self.model.weights_version())
 
     # ------------------------------------------------------------------------------------------- prefill
-    def _prefill(self, ids, group: int, cond_mask, e_sem, e_id, extra: int, timers) -> tuple[_Prefix, torch.Tensor]:
+    def _prefill(self, ids, group: int, cond_mask, e_sem, e_id, extra: int, timers,
+                 text_block=None) -> tuple[_Prefix, torch.Tensor]:
         """Run prompts ids [Bp, P] through every block, deciding the sequence-level routing.
 
         Keys/values go into a static cache with room for ``extra`` more positions. Returns (prefix, hidden
@@ -150,47 +175,142 @@ class Engine:
         model, c = self.model, self.config
         Bp, P = ids.shape
         task = torch.full((Bp,), group, dtype=torch.long, device=ids.device)
-        positions = default_positions(ids, pad_id=c.pad_id)
+        positions = default_positions(ids, pad_id=c.pad_id, text_block=text_block)
         cos, sin = model.rotary(positions)
         kv = StaticKVCache(c.num_layers, Bp, c.num_heads, P + extra, c.head_dim, dtype=self.dtype, device=ids.device)
-        mask = omni_attention_mask(ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id)
+        mask = omni_attention_mask(ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id, text_block=text_block)
         ctx = BlockContext(mask=mask[:, None], cos=cos, sin=sin,
                            groups=task.repeat_interleave(P), task=task, cond_mask=cond_mask, e_sem=e_sem, e_id=e_id,
                            kv=kv, backend=self.backend)
         with timers.section("prefill", ids.device):
             x, _, routes = model.blocks(ids, ctx)
         kv.start = P
-        return _Prefix(kv, routes, ids != c.pad_id, positions[:, -1] + 1), x
+        valid = token_valid(ids, pad_id=c.pad_id, text_block=text_block)
+        return _Prefix(kv, routes, valid, positions[:, -1] + 1), x
 
-    def _uncond_prefix(self, timers) -> _Prefix:
-        """Keys/values of the empty prompt, computed once per model state and shared by every uncond row."""
+    def _uncond_prefix(self, timers, kind: str = "t2i") -> _Prefix:
+        """Keys/values of an unconditional prompt, computed once per model state and shared by every uncond row:
+        "t2i" the empty prompt; "describe" ``<mmu> <soi> <mask>… <eoi> <bos>`` (a fully masked image, no
+        embeddings); "joint" ``<t2i> <bos>`` and a fully masked caption block."""
         key = self._weights_key()
-        if self._uncond_cache is None or self._uncond_cache[0] != key:
-            ids = t2i_prompt_ids([[]], self.config).to(self.device)
-            prefix, _ = self._prefill(ids, GROUP_GENERATION, self._t2i_cond_mask(ids), None, None, 0, timers)
-            self._uncond_cache = (key, prefix)
-        return self._uncond_cache[1]
+        cached = self._uncond_cache.get(kind)
+        if cached is None or cached[0] != key:
+            c, dev = self.config, self.device
+            if kind == "t2i":
+                ids = t2i_prompt_ids([[]], c).to(dev)
+                prefix, _ = self._prefill(ids, GROUP_GENERATION, self._t2i_cond_mask(ids), None, None, 0, timers)
+            elif kind == "describe":
+                ids = self._describe_prefix(torch.full((1, c.image_tokens), c.mask_token_id, device=dev))
+                zeros = (torch.zeros(1, c.sem_dim, dtype=self.dtype, device=dev),
+                         torch.zeros(1, c.id_dim, dtype=self.dtype, device=dev))
+                prefix, _ = self._prefill(ids, GROUP_UNDERSTANDING, torch.ones_like(ids, dtype=torch.bool), *zeros,
+                                          0, timers)
+            else:
+                T = text_block_length(c)
+                ids, in_block = joint_sequence(torch.full((1, T), c.mask_token_id, device=dev),
+                                               torch.zeros(1, 0, dtype=torch.long, device=dev), c)
+                ids, in_block = ids[:, : T + 2], in_block[:, : T + 2]
+                cond = default_cond_mask(ids, torch.ones(1, dtype=torch.long, device=dev), pad_id=c.pad_id,
+                                         soi_id=c.soi_id, text_block=in_block)
+                prefix, _ = self._prefill(ids, GROUP_GENERATION, cond, None, None, 0, timers, text_block=in_block)
+            self._uncond_cache[kind] = (key, prefix)
+        return self._uncond_cache[kind][1]
+
+    def _describe_prefix(self, image_ids):
+        """Unified image ids [B, N] -> ``<mmu> <soi> img <eoi> <bos>`` [B, N + 4], the prefix of a describe row."""
+        return describe_sequence(image_ids, image_ids[:, :0], self.config)[0]
 
     def _t2i_cond_mask(self, ids):
         return ids != self.model.config.pad_id  # a t2i prompt holds no <soi>: its non-pad tokens are the condition
 
     # ------------------------------------------------------------------------------------ text to image
-    def _step_buffers(self, R: int, P: int) -> _StepBuffers:
+    def _step_buffers(self, R: int, P: int, S: int | None = None, group: int = GROUP_GENERATION) -> _StepBuffers:
         c = self.config
-        key = (R, P, self.dtype, self.device)
+        S = c.image_tokens + 2 if S is None else S
+        key = (R, P, S, group, self.dtype, self.device)
         buf = self._buffers.get(key)
         if buf is None:
-            S, dev = c.image_tokens + 2, self.device
+            dev = self.device
             buf = _StepBuffers(
                 kv=StaticKVCache(c.num_layers, R, c.num_heads, P + S, c.head_dim, dtype=self.dtype, device=dev),
                 ids=torch.empty(R, S, dtype=torch.long, device=dev),
                 # additive mask (0 / -inf): the same result as the boolean mask, 20% faster in SDPA on the CPU
                 mask=torch.zeros(R, 1, S, P + S, dtype=self.dtype, device=dev),
-                groups=torch.full((R * S,), GROUP_GENERATION, dtype=torch.long, device=dev),
-                task=torch.full((R,), GROUP_GENERATION, dtype=torch.long, device=dev),
+                groups=torch.full((R * S,), group, dtype=torch.long, device=dev),
+                task=torch.full((R,), group, dtype=torch.long, device=dev),
+                key=key,
             )
             self._buffers[key] = buf
         return buf
+
+    def _segment_state(self, parts: list[_Prefix], B: int, S: int, group: int, e_sem=None, e_id=None):
+        """Copy prefixes (each of 1 or B rows, expanded to B) into the step cache of a segment of S positions.
+
+        Rows j*B .. (j+1)*B - 1 read parts[j]. The segment rows see their valid prompt keys and the whole segment;
+        the sequence-level routing of each row is its prefix's, folded with ``e_sem``/``e_id`` [R, ·].
+        Returns (buffers, cos, sin, mixtures).
+        """
+        c, model, device = self.config, self.model, self.device
+        P = parts[0].valid.shape[1]
+        buf = self._step_buffers(B * len(parts), P, S, group)
+        for i in range(c.num_layers):
+            for dst, src in ((buf.kv.keys[i], "keys"), (buf.kv.values[i], "values")):
+                for j, part in enumerate(parts):
+                    dst[j * B : (j + 1) * B, :, :P] = getattr(part.kv, src)[i][:, :, :P].expand(B, -1, -1, -1)
+        valid = torch.cat([p.valid.expand(B, -1) for p in parts])  # [R, P]
+        next_pos = torch.cat([p.next_position.expand(B) for p in parts])  # [R]
+        buf.mask[:, 0, :, :P] = torch.zeros((), dtype=self.dtype, device=device).masked_fill(
+            ~valid, float("-inf"))[:, None, :]
+        positions = next_pos[:, None] + torch.arange(S, device=device)  # [R, S]
+        cos, sin = model.rotary(positions)  # [R, 1, S, hd]
+        routes = [(torch.cat([p.routes[i][0].expand(B, -1) for p in parts]),
+                   torch.cat([p.routes[i][1].expand(B, -1) for p in parts])) for i in range(c.num_layers)]
+        mixtures = model.seq_mixtures(routes, buf.task, e_sem, e_id)
+        return buf, cos, sin, mixtures
+
+    def _decode_segment(self, buf, cos, sin, mixtures, P, seg: _Segment, tokens, masked, *, B, guided, seeds,
+                        steps, region=None, options, confidence_temperature, compounding=False, callback=None,
+                        timers=OFF, stats=None, graph=None):
+        """The step loop of one segment: write the current ids, run the segment, the head at still-masked
+        positions, the decode step. Returns (tokens, masked)."""
+        model, device, c = self.model, self.device, self.config
+        R, n = buf.ids.shape[0], tokens.shape[1]
+        width = seg.columns.stop - seg.columns.start
+        logits_full = torch.zeros(R, n, width, dtype=torch.float32, device=device)  # written at masked rows only
+        with timers.hooks(model):
+            for step in range(steps):
+                if not bool(masked.any()):
+                    break  # threshold decoding finished early
+                if stats is not None:
+                    stats.steps_run += 1
+                    stats.masked_per_step.append(int(masked.sum()))
+                ids = torch.where(masked, torch.full_like(tokens, c.mask_token_id), tokens + seg.offset)
+                buf.ids[:B, seg.positions] = ids
+                if guided:
+                    buf.ids[B:, seg.positions] = ids
+                if graph is not None:
+                    graph["cos"].copy_(cos)  # static inputs of the captured graph
+                    graph["sin"].copy_(sin)
+                    graph["graph"].replay()
+                    x = graph["out"]
+                else:
+                    x = self._segment_forward(buf, cos, sin, mixtures, P)
+                with timers.section("lm_head", device):
+                    # still-masked positions only: cond rows, then the same positions of the uncond rows
+                    rows = masked.repeat(2, 1) if guided else masked  # [R, n]
+                    logits = model.head(x[:, seg.positions][rows], seg.columns).float()
+                    logits_full[rows] = logits if seg.logit_bias is None else logits + seg.logit_bias
+                with timers.section("noise", device):
+                    u = step_noise(seeds, step, n, device, stream=seg.stream)
+                with timers.section("sampler", device):
+                    tokens, masked = decode_step(
+                        logits_full, tokens, masked, u, region=region, step=step, steps=steps,
+                        confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
+                                                                           compounding=compounding),
+                        backend=self.backend, **options)
+                if callback is not None:
+                    callback(step, tokens, masked)
+        return tokens, masked
 
     def _segment_forward(self, buf: _StepBuffers, cos, sin, mixtures, P: int):
         """The image segment buf.ids [R, S] through every block -> hidden [R, S, H] (before ln_f)."""
@@ -217,6 +337,8 @@ class Engine:
         e_id: torch.Tensor | None = None,
         callback=None,
         timers: Timers | None = None,
+        tokens: torch.Tensor | None = None,
+        region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Codebook ids [B, N] int64 of one image per prompt; same contract as the reference sampler.
 
@@ -230,82 +352,184 @@ class Engine:
             zero, noise, copy) read neither
         callback : called as callback(step, tokens [B, N], masked [B, N]) after each step
         timers : ``Timers`` to accumulate the time per section into
+        tokens, region : an edit (``fastface.sampling.generate_image_tokens``): only ``region`` [B, N] is re-decoded
         """
         timers = timers or OFF
         check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
                        confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
                        confidence_compounding=confidence_compounding)
-        c, model, device = self.config, self.model, self.device
+        c, device = self.config, self.device
         prompt_ids = prompt_ids.to(device)
         B, P = prompt_ids.shape
-        N, K, offset = c.image_tokens, c.codebook_size, c.image_token_offset
-        S = N + 2
+        N, offset = c.image_tokens, c.image_token_offset
+        tokens, masked, region = initial_image_state(c, B, device, tokens, region)
         guided = guidance != 0
-        R = 2 * B if guided else B
 
         # ---- prefill: cond prompts now, the empty prompt once per model; both copied into the step cache
-        buf = self._step_buffers(R, P)
         cond, _ = self._prefill(prompt_ids, GROUP_GENERATION, self._t2i_cond_mask(prompt_ids), None, None, 0, timers)
         parts = [cond, self._uncond_prefix(timers)] if guided else [cond]
-        for i in range(c.num_layers):
-            for dst, src in ((buf.kv.keys[i], "keys"), (buf.kv.values[i], "values")):
-                dst[:B, :, :P] = getattr(cond.kv, src)[i]
-                if guided:  # one uncond prompt, expanded over the B uncond rows
-                    dst[B:, :, :P] = getattr(parts[1].kv, src)[i].expand(B, -1, -1, -1)
-        valid = torch.cat([p.valid.expand(B, -1) for p in parts])  # [R, P]
-        next_pos = torch.cat([p.next_position.expand(B) for p in parts])  # [R]
-        # segment rows see the valid prompt keys and the whole segment
-        buf.mask[:, 0, :, :P] = torch.zeros((), dtype=self.dtype, device=device).masked_fill(
-            ~valid, float("-inf"))[:, None, :]
-        positions = next_pos[:, None] + torch.arange(S, device=device)  # [R, S]
-        cos, sin = model.rotary(positions)  # [R, 1, S, hd]
-        routes = [(torch.cat([p.routes[i][0].expand(B, -1) for p in parts]),
-                   torch.cat([p.routes[i][1].expand(B, -1) for p in parts])) for i in range(c.num_layers)]
-        mixtures = model.seq_mixtures(routes, buf.task)
+        buf, cos, sin, mixtures = self._segment_state(parts, B, N + 2, GROUP_GENERATION)
         buf.ids[:, 0] = c.soi_id
         buf.ids[:, -1] = c.eoi_id
 
         # ---- the decoding loop
-        tokens = torch.zeros(B, N, dtype=torch.long, device=device)
-        masked = torch.ones(B, N, dtype=torch.bool, device=device)
-        logits_full = torch.zeros(R, N, K, dtype=torch.float32, device=device)  # written at masked rows only
         stats = GenerationStats(steps=steps)
         graph = self._graph_for(buf, cos, sin, mixtures, P) if device.type == "cuda" and self.cuda_graphs else None
         stats.cuda_graph = graph is not None
-        with timers.hooks(model):
-            for step in range(steps):
-                if not bool(masked.any()):
-                    break  # threshold decoding finished early
-                stats.steps_run += 1
-                stats.masked_per_step.append(int(masked.sum()))
-                image_ids = torch.where(masked, torch.full_like(tokens, c.mask_token_id), tokens + offset)
-                buf.ids[:B, 1:-1] = image_ids
-                if guided:
-                    buf.ids[B:, 1:-1] = image_ids
-                if graph is not None:
-                    graph["cos"].copy_(cos)  # static inputs of the captured graph
-                    graph["sin"].copy_(sin)
-                    graph["graph"].replay()
-                    x = graph["out"]
-                else:
-                    x = self._segment_forward(buf, cos, sin, mixtures, P)
-                with timers.section("lm_head", device):
-                    # still-masked image positions only: cond rows, then the same positions of the uncond rows
-                    rows = masked.repeat(2, 1) if guided else masked  # [R, N]
-                    logits_full[rows] = model.head(x[:, 1:-1][rows], self._codebook).float()  # codebook columns
-                with timers.section("noise", device):
-                    u = step_noise(seeds, step, N, device)
-                with timers.section("sampler", device):
-                    tokens, masked = ops.masked_decode_step(
-                        logits_full, tokens, masked, u, step=step, steps=steps, guidance=guidance,
-                        sample_temperature=sample_temperature,
-                        confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
-                                                                           compounding=confidence_compounding),
-                        schedule=schedule, threshold=threshold, backend=self.backend)
-                if callback is not None:
-                    callback(step, tokens, masked)
+        seg = _Segment(positions=slice(1, N + 1), columns=self._codebook, offset=offset, stream=IMAGE_STREAM)
+        options = dict(guidance=guidance, sample_temperature=sample_temperature, schedule=schedule,
+                       threshold=threshold)
+        tokens, _ = self._decode_segment(buf, cos, sin, mixtures, P, seg, tokens, masked, B=B, guided=guided,
+                                         seeds=seeds, steps=steps, region=region, options=options,
+                                         confidence_temperature=confidence_temperature,
+                                         compounding=confidence_compounding, callback=callback, timers=timers,
+                                         stats=stats, graph=graph)
         self.last_stats = stats
         return tokens
+
+    # ------------------------------------------------------------------------------- image to text (diffusion)
+    @_serialised
+    @torch.no_grad()
+    def describe_ids(
+        self,
+        image_tokens: torch.Tensor,
+        *,
+        steps: int = 16,
+        guidance: float = 0.0,
+        seeds: list[int],
+        sample_temperature: float = 1.0,
+        confidence_temperature: float = 1.0,
+        schedule: str = "cosine",
+        e_sem: torch.Tensor | None = None,
+        e_id: torch.Tensor | None = None,
+        callback=None,
+        timers: Timers | None = None,
+    ) -> torch.Tensor:
+        """Caption blocks [B, T] decoded in parallel; same contract as ``fastface.sampling.describe_ids``.
+
+        Exact optimisations carried over from text-to-image: the image prefix ``<mmu> <soi> img <eoi> <bos>`` never
+        attends to the block, so its keys/values and sequence-level routing are computed once per request; the
+        unconditional prefix (a fully masked image) once per model; each step runs only the block; the head runs
+        at still-masked block positions on the text columns only; cond and uncond rows in one batch.
+        """
+        timers = timers or OFF
+        check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                       confidence_temperature=confidence_temperature, schedule=schedule)
+        c, device = self.config, self.device
+        image_tokens = image_tokens.to(device)
+        B, T = image_tokens.shape[0], text_block_length(c)
+        guided = guidance != 0
+        ids = self._describe_prefix(image_tokens + c.image_token_offset)
+        e_sem = None if e_sem is None else e_sem.to(device=device, dtype=self.dtype)
+        e_id = None if e_id is None else e_id.to(device=device, dtype=self.dtype)
+        cond, _ = self._prefill(ids, GROUP_UNDERSTANDING, torch.ones_like(ids, dtype=torch.bool), e_sem, e_id, 0,
+                                timers)
+        parts = [cond, self._uncond_prefix(timers, "describe")] if guided else [cond]
+        if guided:
+            e_sem = None if e_sem is None else torch.cat([e_sem, torch.zeros_like(e_sem)])
+            e_id = None if e_id is None else torch.cat([e_id, torch.zeros_like(e_id)])
+        buf, cos, sin, mixtures = self._segment_state(parts, B, T, GROUP_UNDERSTANDING, e_sem, e_id)
+        seg = _Segment(positions=slice(0, T), columns=slice(0, c.text_vocab_size), offset=0, stream=TEXT_STREAM,
+                       logit_bias=text_logit_bias(c, device))
+        block = torch.zeros(B, T, dtype=torch.long, device=device)
+        masked = torch.ones(B, T, dtype=torch.bool, device=device)
+        options = dict(guidance=guidance, sample_temperature=sample_temperature, schedule=schedule)
+        block, _ = self._decode_segment(buf, cos, sin, mixtures, ids.shape[1], seg, block, masked, B=B,
+                                        guided=guided, seeds=seeds, steps=steps, options=options,
+                                        confidence_temperature=confidence_temperature, callback=callback,
+                                        timers=timers)
+        return block
+
+    # ------------------------------------------------------------------------------------------ joint
+    @_serialised
+    @torch.no_grad()
+    def generate_pair_ids(
+        self,
+        *,
+        seeds: list[int],
+        steps: int = 16,
+        guidance: float = 0.0,
+        sample_temperature: float = 1.0,
+        confidence_temperature: float = 4.5,
+        text_sample_temperature: float = 1.0,
+        text_confidence_temperature: float = 1.0,
+        schedule: str = "cosine",
+        text: torch.Tensor | None = None,
+        decode_text: bool = True,
+        callback=None,
+        timers: Timers | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(caption blocks [B, T], image codebook ids [B, N]); same contract as ``fastface.sampling.generate_pair_ids``.
+
+        The cond rows run the whole sequence every step (the block changes, and with it the sequence-level
+        routing); the unconditional rows' prefix (a fully masked block) is the same for every request and step, so
+        its keys/values are computed once per model and those rows run only the image segment. The head runs at
+        still-masked positions on the text or codebook columns only.
+        """
+        timers = timers or OFF
+        check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                       confidence_temperature=confidence_temperature, schedule=schedule)
+        check_decoding(steps=steps, guidance=0.0, sample_temperature=text_sample_temperature,
+                       confidence_temperature=text_confidence_temperature, schedule=schedule)
+        c, model, device = self.config, self.model, self.device
+        B, N, T, V = len(seeds), c.image_tokens, text_block_length(c), c.text_vocab_size
+        mask_id, off = c.mask_token_id, c.image_token_offset
+        block, block_masked = pair_text_state(c, B, device, text, decode_text)
+        tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+        masked = torch.ones(B, N, dtype=torch.bool, device=device)
+        guided = guidance != 0
+        bias = text_logit_bias(c, device)
+        # the cond rows' layout is fixed: one mask and rotary table for every step
+        ids, in_block = joint_sequence(torch.full_like(block, mask_id), torch.full_like(tokens, mask_id), c)
+        L = ids.shape[1]
+        full_mask = omni_attention_mask(ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id,
+                                        text_block=in_block)[:, None]
+        full_cos, full_sin = model.rotary(torch.arange(L, device=device).expand(B, L))
+        task = torch.full((B,), GROUP_GENERATION, dtype=torch.long, device=device)
+        text_cols, image_cols = slice(2, 2 + T), slice(T + 3, T + 3 + N)
+        uncond = None
+        if guided:
+            uncond = self._segment_state([self._uncond_prefix(timers, "joint")], B, N + 2, GROUP_GENERATION)
+            uncond[0].ids[:, 0] = c.soi_id
+            uncond[0].ids[:, -1] = c.eoi_id
+        logits_img = torch.zeros(2 * B if guided else B, N, c.codebook_size, dtype=torch.float32, device=device)
+        logits_txt = torch.zeros(B, T, V, dtype=torch.float32, device=device)
+        with timers.hooks(model):
+            for step in range(steps):
+                block_ids = torch.where(block_masked, torch.full_like(block, mask_id), block)
+                image_ids = torch.where(masked, torch.full_like(tokens, mask_id), tokens + off)
+                ids, _ = joint_sequence(block_ids, image_ids, c)
+                cond_mask = default_cond_mask(ids, task, pad_id=c.pad_id, soi_id=c.soi_id, text_block=in_block)
+                ctx = BlockContext(mask=full_mask, cos=full_cos, sin=full_sin, groups=task.repeat_interleave(L),
+                                   task=task, cond_mask=cond_mask, backend=self.backend)
+                x = model.blocks(ids, ctx)[0]
+                with timers.section("lm_head", device):
+                    logits_img[:B][masked] = model.head(x[:, image_cols][masked], self._codebook).float()
+                    if guided:
+                        buf, cos, sin, mixtures = uncond
+                        buf.ids[:, 1:-1] = image_ids
+                        xu = self._segment_forward(buf, cos, sin, mixtures, T + 2)
+                        logits_img[B:][masked] = model.head(xu[:, 1:-1][masked], self._codebook).float()
+                    decoding_text = decode_text and bool(block_masked.any())
+                    if decoding_text:
+                        logits_txt[block_masked] = model.head(x[:, text_cols][block_masked],
+                                                              slice(0, V)).float() + bias
+                with timers.section("sampler", device):
+                    if decoding_text:
+                        u_text = step_noise(seeds, step, T, device, stream=TEXT_STREAM)
+                        block, block_masked = ops.masked_decode_step(
+                            logits_txt, block, block_masked, u_text, step=step, steps=steps,
+                            sample_temperature=text_sample_temperature,
+                            confidence_temperature=text_confidence_temperature, schedule=schedule,
+                            backend=self.backend)
+                    u = step_noise(seeds, step, N, device)
+                    tokens, masked = ops.masked_decode_step(
+                        logits_img, tokens, masked, u, step=step, steps=steps, guidance=guidance,
+                        sample_temperature=sample_temperature, confidence_temperature=confidence_temperature,
+                        schedule=schedule, backend=self.backend)
+                if callback is not None:
+                    callback(step, block, tokens)
+        return torch.where(block_masked, torch.full_like(block, mask_id), block), tokens
 
     # ---------------------------------------------------------------------------------------- CUDA graphs
     def _graph_for(self, buf: _StepBuffers, cos, sin, mixtures, P):
@@ -315,7 +539,7 @@ class Engine:
         so a new request only refills them. A kernel that synchronises with the host (argument validation reading a
         value) makes capture fail; the engine then runs eagerly, with a warning once.
         """
-        key = (buf.ids.shape[0], P, self.dtype, self.device)
+        key = buf.key
         state = self._graphs.get(key)
         if state is False:
             return None

@@ -12,7 +12,9 @@ Three measurements on held-out face-world renders (identities never trained on, 
     reads every prompted attribute back -> accuracy per attribute, beside the classifier's accuracy on the
     real renders of the same faces and attributes (the judge's own error on this exact question set) and on
     those renders after an image-tokenizer round trip (its error on decoded pixels);
-(c) the image tokenizer's reconstruction PSNR (encode -> decode) on the same faces.
+(c) the image tokenizer's reconstruction PSNR (encode -> decode) on the same faces;
+(d, e, f) captions (parallel against autoregressive), joint pairs and hair edits: ``fastface.eval_directions``
+    (parts ``captions``, ``pairs``, ``edit``; not run by default).
 
 Every function takes a ``Pipeline``; results are plain dicts (JSON), and ``markdown_report`` turns them into
 one per-attribute table.
@@ -40,6 +42,7 @@ from fastface.perception.train import accuracy_table, held_out_faces, mean_accur
 # names ``text.prompt`` understands ("hair" = hair style and colour together); gender is always named
 PROMPT_NAMES = ("age", "expression", "face_shape", "skin_tone", "eye_colour", "eyebrows", "nose", "hair", "glasses",
                 "facial_hair", "earrings", "hat", "lipstick", "eye_shadow", "blush", "background", "shirt_colour")
+PARTS = ("vqa", "generation", "psnr", "captions", "pairs", "edit")
 DEFAULT_SEED = 10_000  # face-world dataset seed of the held-out faces (training data uses small seeds)
 
 
@@ -278,9 +281,9 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
     Without an image tokenizer, VQA reads nothing it cannot encode: it is skipped, as are generation and PSNR.
     """
     parts = tuple(parts)
-    bad = sorted(set(parts) - {"vqa", "generation", "psnr"})
+    bad = sorted(set(parts) - set(PARTS))
     if bad:
-        raise ValueError(f"unknown part(s) {bad}; choose from vqa, generation, psnr")
+        raise ValueError(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     if not isinstance(num_faces, int) or num_faces <= 0:
         raise ValueError(f"num_faces must be a positive int, got {num_faces!r}")
     log = log or (lambda *_: None)
@@ -323,8 +326,40 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
         else:
             result["psnr"] = evaluate_tokenizer(pipe, images)
             log(f"tokenizer: {result['psnr']['psnr_db']:.2f} dB")
+    _evaluate_directions(pipe, classifier, images, attrs_list, parts, result, seed=seed, steps=steps,
+                         guidance=guidance, batch_size=batch_size, log=log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _evaluate_directions(pipe, classifier, images, attrs_list, parts, result, *, seed, steps, guidance, batch_size,
+                         log):
+    """Parts captions, pairs and edit (``fastface.eval_directions``) into ``result``."""
+    from fastface import eval_directions as ed
+
+    wanted = [p for p in ("captions", "pairs", "edit") if p in parts]
+    if not wanted:
+        return
+    if pipe.image_tokenizer is None:
+        for part in wanted:
+            result[part] = {"skipped": "no image tokenizer"}
+        return
+    if classifier is None and ("pairs" in wanted or "edit" in wanted):
+        from fastface.perception.judge import Judge
+
+        classifier = Judge.default()
+    if "captions" in wanted:
+        result["captions"] = ed.evaluate_captions(pipe, images, attrs_list, batch_size=batch_size, seed=seed)
+        log("captions: " + ", ".join(f"{k} {r['mean']:.4f}" for k, r in result["captions"]["runs"].items()))
+    if "pairs" in wanted:
+        result["pairs"] = ed.evaluate_pairs(pipe, classifier, n=len(images), steps=steps, seed=seed,
+                                            batch_size=batch_size)
+        log(f"pairs: agreement {result['pairs']['overall']:.4f} (shuffled {result['pairs']['overall_shuffled']:.4f})")
+    if "edit" in wanted:
+        result["edit"] = ed.evaluate_edit(pipe, classifier, images, attrs_list, steps=steps, guidance=guidance,
+                                          seed=seed, batch_size=batch_size)
+        if "new_colour_shown" in result["edit"]:
+            log(f"edit: new hair colour shown {result['edit']['new_colour_shown']:.4f}")
 
 
 def _pct(v) -> str:
@@ -370,7 +405,10 @@ def markdown_report(result: dict) -> str:
     if "psnr_db" in psnr:
         lines.append(f"Image tokenizer: reconstruction PSNR {psnr['psnr_db']:.2f} dB (min {psnr['psnr_db_min']:.2f};"
                      f" {psnr['count']} faces).")
-    for part in ("vqa", "generation", "psnr"):
+    from fastface.eval_directions import markdown_lines
+
+    lines += markdown_lines(result)
+    for part in PARTS:
         if "skipped" in result.get(part, {}):
             lines.append(f"{part}: skipped ({result[part]['skipped']}).")
     return "\n".join(lines) + "\n"
@@ -397,8 +435,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--questions-per-face", type=arg_positive_int, default=4, help="VQA questions per face")
     parser.add_argument("--attributes-per-prompt", type=int, default=6,
                         help="attributes named per generation prompt besides gender (default: 6)")
-    parser.add_argument("--parts", nargs="+", default=["vqa", "generation", "psnr"],
-                        choices=["vqa", "generation", "psnr"], help="what to measure (default: all)")
+    parser.add_argument("--parts", nargs="+", default=["vqa", "generation", "psnr"], choices=list(PARTS),
+                        help="what to measure (default: vqa generation psnr; captions: parallel against "
+                             "autoregressive captioning at 4/8/16 steps; pairs: joint caption-face samples; edit: "
+                             "hair-colour edits)")
     parser.add_argument("--classifier", default=None,
                         help="judge with this attribute classifier alone (default: the shipped judge: the "
                              "classifier, and the Faceptor on the attributes it reads at least as well)")
@@ -420,7 +460,7 @@ def run(args) -> int:
         raise ValueError(f"--attributes-per-prompt must be >= 0, got {args.attributes_per_prompt}")
     pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
     classifier = None
-    if "generation" in args.parts:
+    if {"generation", "pairs", "edit"} & set(args.parts):
         # --classifier: that attribute classifier alone; by default the judge (fastface.perception.judge)
         classifier = AttributeClassifier.load(args.classifier) if args.classifier else Judge.default()
     torch.manual_seed(0)

@@ -67,31 +67,48 @@ def image_segments(input_ids: torch.Tensor, *, soi_id: int = SOI_ID, eoi_id: int
 
 
 def omni_attention_mask(input_ids: torch.Tensor, *, pad_id: int = PAD_ID, soi_id: int = SOI_ID,
-                        eoi_id: int = EOI_ID) -> torch.Tensor:
-    """[B, L] ids -> [B, L, L] bool, True where row i may attend to column j (special ids: ``FaceConfig``'s)."""
+                        eoi_id: int = EOI_ID, text_block: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] ids -> [B, L, L] bool, True where row i may attend to column j (special ids: ``FaceConfig``'s).
+
+    ``text_block`` [B, L] bool marks a text diffusion block (``fastface.prompts``: a caption decoded in parallel):
+    its rows attend like an image segment's -- to everything before the block and to the whole block -- and its
+    <pad> tokens are ordinary tokens of the block (attended, counted in the rotary positions).
+    """
     B, L = input_ids.shape
     pad = input_ids == pad_id  # [B, L]
     seg = image_segments(input_ids, soi_id=soi_id, eoi_id=eoi_id)  # [B, L]
+    if text_block is not None:
+        pad = pad & ~text_block
+        seg = torch.where(text_block, torch.full_like(seg, -1), seg)  # the block is a segment of its own
     causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
-    same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)  # [B, L, L]
+    same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)  # [B, L, L]
     allowed = (causal | same_segment) & ~pad[:, None, :]
     eye = torch.eye(L, dtype=torch.bool, device=input_ids.device)
     return torch.where(pad[:, :, None], eye, allowed)
 
 
-def default_positions(input_ids: torch.Tensor, *, pad_id: int = PAD_ID) -> torch.Tensor:
+def token_valid(input_ids: torch.Tensor, *, pad_id: int = PAD_ID, text_block: torch.Tensor | None = None):
+    """[B, L] bool: the positions that are tokens of the sequence (not padding; a text block's <pad>s are tokens)."""
+    valid = input_ids != pad_id
+    return valid if text_block is None else valid | text_block
+
+
+def default_positions(input_ids: torch.Tensor, *, pad_id: int = PAD_ID,
+                      text_block: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary positions counting only non-pad tokens, so left padding does not shift a sequence."""
-    return (torch.cumsum(input_ids != pad_id, dim=-1) - 1).clamp(min=0)
+    return (torch.cumsum(token_valid(input_ids, pad_id=pad_id, text_block=text_block), dim=-1) - 1).clamp(min=0)
 
 
 def default_cond_mask(input_ids: torch.Tensor, task: torch.Tensor, *, pad_id: int = PAD_ID,
-                      soi_id: int = SOI_ID) -> torch.Tensor:
-    """Conditioning tokens: for t2i the non-pad tokens before the first <soi>; for mmu every non-pad token
-    (the input is taken to be the prompt: image and question; pass ``cond_mask`` when answers follow)."""
+                      soi_id: int = SOI_ID, text_block: torch.Tensor | None = None) -> torch.Tensor:
+    """Conditioning tokens: for t2i the tokens before the first <soi> (a text block among them); for mmu every
+    token outside a text block (the input is taken to be the prompt: image and question; pass ``cond_mask`` when
+    answers follow)."""
     before_image = torch.cumsum(input_ids == soi_id, dim=-1) == 0
-    non_pad = input_ids != pad_id
+    valid = token_valid(input_ids, pad_id=pad_id, text_block=text_block)
+    outside_block = torch.ones_like(before_image) if text_block is None else ~text_block
     t2i = (task == GROUP_GENERATION)[:, None]
-    return non_pad & torch.where(t2i, before_image, torch.ones_like(before_image))
+    return valid & torch.where(t2i, before_image, outside_block)
 
 
 # --------------------------------------------------------------------------------------------- rotary
@@ -511,6 +528,7 @@ class FaceTransformer(nn.Module):
         e_id: torch.Tensor | None = None,
         logits_positions: torch.Tensor | None = None,
         return_hidden: bool = False,
+        text_block: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Forward over ``input_ids`` [B, L] of sequences with ``task`` [B] (0 = mmu, 1 = t2i).
 
@@ -518,25 +536,27 @@ class FaceTransformer(nn.Module):
         the ids. With a non-empty ``cache`` the new tokens attend to the cached ones and to each other
         (``attn_mask`` [B, L, Lc + L] may be given; default: every valid cached key plus causal among the
         new tokens) and the sequence-level routing stored at prefill is reused.
-        ``logits_positions`` [P] restricts the LM head to those positions.
+        ``logits_positions`` [P] restricts the LM head to those positions. ``text_block`` [B, L] bool marks a text
+        diffusion block (``omni_attention_mask``): its rows attend bidirectionally within it, its <pad>s are tokens.
         """
         B, L = input_ids.shape
         c = self.config
         cached = cache is not None and cache.length > 0
         if attn_mask is None:
             if cached:
-                new_valid = input_ids != c.pad_id
+                new_valid = token_valid(input_ids, pad_id=c.pad_id, text_block=text_block)
                 causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
                 attn_mask = torch.cat([cache.key_valid[:, None, :].expand(B, L, -1),
                                        causal[None] & new_valid[:, None, :]], dim=-1)
             else:
-                attn_mask = omni_attention_mask(input_ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id)
+                attn_mask = omni_attention_mask(input_ids, pad_id=c.pad_id, soi_id=c.soi_id, eoi_id=c.eoi_id,
+                                                text_block=text_block)
         if positions is None:
-            positions = default_positions(input_ids, pad_id=c.pad_id)
+            positions = default_positions(input_ids, pad_id=c.pad_id, text_block=text_block)
             if cached:
                 positions = cache.next_position[:, None] + positions
         if cond_mask is None and not cached:
-            cond_mask = default_cond_mask(input_ids, task, pad_id=c.pad_id, soi_id=c.soi_id)
+            cond_mask = default_cond_mask(input_ids, task, pad_id=c.pad_id, soi_id=c.soi_id, text_block=text_block)
         cos, sin = self.rotary(positions)
         groups = task[:, None].expand(B, L).reshape(B * L)
         ctx = BlockContext(mask=attn_mask[:, None], cos=cos, sin=sin, groups=groups, task=task, cond_mask=cond_mask,
@@ -545,14 +565,14 @@ class FaceTransformer(nn.Module):
         x, router_logits, routes = self.blocks(input_ids, ctx)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            valid = (input_ids != c.pad_id).reshape(-1)
+            valid = token_valid(input_ids, pad_id=c.pad_id, text_block=text_block).reshape(-1)
             for logits in router_logits:
                 if logits is not None:  # None: a dense MLP has no router
                     aux = aux + load_balancing_loss(logits[valid], groups[valid], c.num_groups, c.top_k)
         if cache is not None:
             if not cached:
                 cache.routes = routes
-            valid_new = input_ids != c.pad_id
+            valid_new = token_valid(input_ids, pad_id=c.pad_id, text_block=text_block)
             cache.key_valid = valid_new if not cached else torch.cat([cache.key_valid, valid_new], dim=1)
             cache.next_position = positions[:, -1] + 1
         h = self.ln_f(x)

@@ -5,6 +5,9 @@
     images = pipe.generate(["a smiling woman with red hair"])  # list of PIL images
     answers = pipe.answer(images, ["what colour is her hair?"])
     scores = pipe.similarity(images, ["a smiling woman", "an old man"])  # face-text cosine [I, T]
+    captions = pipe.describe(images)                          # captions decoded in parallel (masked diffusion)
+    captions, images = pipe.generate_pairs(4)                 # caption and face drawn together
+    edited = pipe.edit(images[0], "a man with blue hair", "hair")  # re-draw the hair, keep every other token
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fastface.checks import (
 from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
 from fastface.images import to_rgb
-from fastface.prompts import mmu_prompt_ids, t2i_prompt_ids
+from fastface.prompts import block_text, mmu_prompt_ids, t2i_prompt_ids, text_block_length
 from fastface.tokenizer import encode_text, text_only
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
@@ -51,6 +54,7 @@ class Pipeline:
 
             check_embedder(embedder, model.config, "Pipeline")
         self._facetext = embedder
+        self._perception = None
         self.config = model.config
         self.tokenizer = text_only(tokenizer)  # special-token text in a prompt is text, never a control token
         self.image_tokenizer = image_tokenizer
@@ -166,9 +170,7 @@ class Pipeline:
         image_ids = self.encode_images(images)
         if image_ids.shape[0] != len(questions):
             raise ValueError(f"got {image_ids.shape[0]} images but {len(questions)} questions")
-        e_sem, e_id = self.understanding_embeddings(images)
-        device = self.model.embed.weight.device
-        e_sem, e_id = (None if e is None else e.to(device) for e in (e_sem, e_id))
+        e_sem, e_id = self._embeddings_on_device(images)
         max_new = self.config.max_answer_len if max_new_tokens is None else max_new_tokens
         check_int("max_new_tokens", max_new, 1, MAX_NEW_TOKENS)
         check_bounded("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
@@ -180,6 +182,129 @@ class Pipeline:
                       e_sem=e_sem, e_id=e_id)
         answers = self.decoder.answer_ids(ids, **kwargs)
         return [self.decode_text(a) for a in answers]
+
+    # ------------------------------------------------------------------------- one model, every direction
+    def describe(self, images, *, mode: str = "diffusion", steps: int = 16, guidance: float = 0.0, seed: int = 0,
+                 sample_temperature: float = 0.3, confidence_temperature: float = 0.0,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """A caption per image.
+
+        ``mode="diffusion"``: the caption block (``fastface.prompts``: a fixed-length block of text ids ended by
+        <eos> and padding) starts fully masked and is decoded in parallel over ``steps`` by the masked-decoding op,
+        as images are (``fastface.sampling.describe_ids``); ``guidance`` is classifier-free guidance against the
+        same block after a fully masked image. ``mode="autoregressive"``: the understanding loop answers "what does
+        this person look like?" one token at a time, greedily (``max_new_tokens``, default the block's length).
+        """
+        check_choice("mode", mode, ("diffusion", "autoregressive"))
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.long):
+            images = self._pixels(images)
+        if mode == "autoregressive":
+            from fastface.data.text import CAPTION_QUESTION
+
+            n = len(images)
+            limit = text_block_length(self.config) - 1 if max_new_tokens is None else max_new_tokens
+            return self.answer(images, [CAPTION_QUESTION] * n, max_new_tokens=limit) if n else []
+        image_ids = self.encode_images(images)
+        if image_ids.shape[0] == 0:
+            return []
+        e_sem, e_id = self._embeddings_on_device(images)
+        blocks = self.decoder.describe_ids(image_ids, steps=steps, guidance=guidance,
+                                           seeds=self._seeds(seed, image_ids.shape[0]),
+                                           sample_temperature=sample_temperature,
+                                           confidence_temperature=confidence_temperature, e_sem=e_sem, e_id=e_id)
+        return [self.decode_text(block_text(b, self.config)) for b in blocks.tolist()]
+
+    def generate_pair_tokens(self, n: int, *, steps: int = 16, guidance: float = 0.0, seed: int | list[int] = 0,
+                             sample_temperature: float = 1.0, confidence_temperature: float = 4.5,
+                             text_sample_temperature: float = 0.3, text_confidence_temperature: float = 0.0,
+                             text: bool = True) -> tuple[list[str], torch.Tensor]:
+        """``n`` (caption, image) pairs drawn together from the joint distribution -> (captions, codebook ids
+        [n, N]). Caption block and image tokens start fully masked and are decoded in the same steps
+        (``fastface.sampling.generate_pair_ids``). ``text=False``: unconditional images, the caption left masked
+        (captions are then empty). ``guidance`` acts on the image, against a fully masked caption."""
+        check_int("n", n, 0)
+        if n == 0:
+            return [], torch.zeros(0, self.config.image_tokens, dtype=torch.long)
+        blocks, tokens = self.decoder.pair_ids(
+            seeds=self._seeds(seed, n), steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+            confidence_temperature=confidence_temperature, text_sample_temperature=text_sample_temperature,
+            text_confidence_temperature=text_confidence_temperature, decode_text=text)
+        captions = [self.decode_text(block_text(b, self.config)) if text else "" for b in blocks.tolist()]
+        return captions, tokens.cpu()
+
+    def generate_pairs(self, n: int, **kwargs):
+        """``n`` (caption, face) pairs drawn together -> (captions, PIL images); options as
+        ``generate_pair_tokens``."""
+        captions, tokens = self.generate_pair_tokens(n, **kwargs)
+        return captions, self.decode_images(tokens)
+
+    def edit_tokens(self, images, prompts, regions, *, steps: int = 16, guidance: float = 2.0,
+                    seed: int | list[int] = 0, grow: int = 0, sample_temperature: float = 1.0,
+                    confidence_temperature: float = 4.5) -> torch.Tensor:
+        """Re-draw a region of each image under a new prompt -> codebook ids [B, N].
+
+        Every token outside the region keeps its value, bit for bit; the tokens inside start masked and are decoded
+        over ``steps`` (the schedule runs over the region's size) under the prompt, seeing the kept tokens (the
+        image segment attends to itself). ``regions``: one per image, or one for all -- a name
+        (``fastface.regions.REGIONS``: face, hair, eyes, mouth, background, ...; read from the perception model's
+        parsing of the image), a bool pixel mask [S, S] (e.g. the face world's parsing), or a bool token mask [N] /
+        [grid, grid]. ``grow`` widens each region by that many tokens.
+        """
+        from fastface.regions import resolve_region
+
+        prompts = check_strings("prompts", prompts)
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.long):
+            images = self._pixels(images)
+        image_ids = self.encode_images(images)
+        B = image_ids.shape[0]
+        if B != len(prompts):
+            raise ValueError(f"got {B} images but {len(prompts)} prompts")
+        if isinstance(regions, (list, tuple)):
+            if len(regions) != B:
+                raise ValueError(f"got {len(regions)} regions for {B} images")
+        else:
+            regions = [regions] * B
+        grid = self.config.image_grid
+        parsing = None
+        if any(isinstance(r, str) for r in regions):
+            parsing = [f.parsing for f in self.perception.perceive(np.stack(self._pixels_or_decoded(images)))]
+        masks = torch.stack([resolve_region(r, grid, parsing=None if parsing is None else parsing[b],
+                                            classes=None if parsing is None else self.perception.parsing_classes,
+                                            grow=grow) for b, r in enumerate(regions)])
+        ids = t2i_prompt_ids([self.encode_text(p) for p in prompts], self.config)
+        return self.decoder.image_tokens(ids, steps=steps, guidance=guidance, seeds=self._seeds(seed, B),
+                                         sample_temperature=sample_temperature,
+                                         confidence_temperature=confidence_temperature, tokens=image_ids,
+                                         region=masks).cpu()
+
+    def edit(self, image, prompt, region, **kwargs):
+        """``edit_tokens`` for one image (a PIL image, a uint8 array [S, S, 3] or codebook ids [N]) -> a PIL image;
+        lists of images and prompts -> a list of PIL images."""
+        if isinstance(prompt, str):
+            if isinstance(image, torch.Tensor) and image.dtype == torch.long and image.dim() == 1:
+                image = image[None]
+            elif not isinstance(image, torch.Tensor):
+                image = [image]
+            return self.decode_images(self.edit_tokens(image, [prompt], region, **kwargs))[0]
+        return self.decode_images(self.edit_tokens(image, prompt, region, **kwargs))
+
+    @property
+    def perception(self):
+        """The face perception model whose parsing names edit regions (the shipped face-s one, loaded on first
+        use)."""
+        if self._perception is None:
+            from fastface.perception.perceptor import load_perception
+
+            self._perception = load_perception()
+            if self._perception.image_size != self.config.image_size:
+                raise ValueError(f"the perception model reads {self._perception.image_size}-pixel faces, this "
+                                 f"model draws {self.config.image_size}: name regions by a mask instead")
+        return self._perception
+
+    def _embeddings_on_device(self, images):
+        e_sem, e_id = self.understanding_embeddings(images)
+        device = self.model.embed.weight.device
+        return (None if e is None else e.to(device) for e in (e_sem, e_id))
 
     def _pixels_or_decoded(self, images) -> list[np.ndarray]:
         if isinstance(images, torch.Tensor) and images.dtype == torch.long:

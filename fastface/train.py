@@ -49,8 +49,15 @@ from fastface.config import SPECIAL_TOKENS, FaceConfig
 from fastface.data.training import QA_PER_EXAMPLE
 from fastface.loss import mask_ratio_schedule, next_token_loss
 from fastface.lr_schedule import lr_at
-from fastface.model import FaceTransformer
-from fastface.prompts import t2i_prompt_ids, t2i_sequence
+from fastface.model import FaceTransformer, default_cond_mask
+from fastface.prompts import (
+    caption_block,
+    describe_sequence,
+    joint_sequence,
+    t2i_prompt_ids,
+    t2i_sequence,
+    text_block_length,
+)
 from fastface.weights import CheckpointError, atomic_write, write_json
 
 DEFAULT_EMBEDDER = Path(__file__).parent / "assets" / "face-s" / "facetext.safetensors"
@@ -97,7 +104,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     task: torch.Tensor  # [B]
     cond_mask: torch.Tensor  # [B, L]
-    # t2i
+    # rows with an image loss: t2i rows, then joint rows (both end with <soi> img <eoi>)
     t2i_rows: torch.Tensor  # [Bt] row indices
     image_start: int  # column of img_1 in a t2i row
     masked: torch.Tensor  # [Bt, N] bool
@@ -111,7 +118,14 @@ class Batch:
     # generation group's experts read neither)
     e_sem: torch.Tensor | None = None
     e_id: torch.Tensor | None = None
-    t2i_text: list | None = None  # [Bt] the caption ids of each t2i row ([] when dropped for guidance)
+    t2i_text: list | None = None  # [Bt] the caption ids of each t2i row ([] when dropped for guidance, or masked)
+    # text diffusion rows (joint and describe; ``fastface.prompts``): the block's place, mask and clean ids
+    text_block: torch.Tensor | None = None  # [B, L] bool, None when no row has a block
+    text_rows: torch.Tensor | None = None  # [Bx]
+    text_start: torch.Tensor | None = None  # [Bx] column of the block's first position
+    text_masked: torch.Tensor | None = None  # [Bx, T] bool
+    text_targets: torch.Tensor | None = None  # [Bx, T] text ids
+    text_ratio: torch.Tensor | None = None  # [Bx] mask ratio of the block
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -133,76 +147,156 @@ def mmu_sequence(image_tokens, qa, config: FaceConfig):
     return ids, is_answer, is_cond
 
 
+def random_mask(n: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """[n] bool with max(1, round(n * ratio)) True positions drawn at random."""
+    masked = torch.zeros(n, dtype=torch.bool)
+    masked[torch.randperm(n, generator=gen)[: max(1, round(n * ratio))]] = True
+    return masked
+
+
+def _masked_image(image, config: FaceConfig, gen: torch.Generator):
+    """(clean codebook ids [N], mask [N], ratio) of an image at a D3Diff mask level drawn from ``gen``."""
+    N = config.image_tokens
+    m = float(mask_ratio_schedule(torch.rand(1, generator=gen), N))
+    return torch.as_tensor(image, dtype=torch.long), random_mask(N, m, gen), m
+
+
+def _masked_block(caption: list[int], config: FaceConfig, gen: torch.Generator, drop: float):
+    """(clean block [T], mask [T], ratio) of a caption's text block at its own mask level: with probability
+    ``drop`` every position is masked (the text's "fully noised" level: the unconditional of the other modality)."""
+    T = text_block_length(config)
+    block = torch.tensor(caption_block(caption, config), dtype=torch.long)
+    if float(torch.rand(1, generator=gen)) < drop:
+        return block, torch.ones(T, dtype=torch.bool), 1.0
+    m = float(mask_ratio_schedule(torch.rand(1, generator=gen), T))
+    return block, random_mask(T, m, gen), m
+
+
 def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: int, mmu_fraction: float,
-               rank: int = 0, world: int = 1) -> Batch:
-    """This rank's slice of the global batch of ``step``: rows rank, rank + world, … of the global batch."""
+               rank: int = 0, world: int = 1, text_diffusion: float = 0.0) -> Batch:
+    """This rank's slice of the global batch of ``step``: rows rank, rank + world, … of the global batch.
+
+    A share ``text_diffusion`` of the rows are text diffusion rows (UniDiffuser): half joint rows -- text block and
+    image each masked at its own level (the block fully masked with probability ``cond_dropout``), loss on both --
+    and half describe rows -- a clean image (fully masked with probability ``cond_dropout``, its embeddings then
+    absent) and a masked block, loss on the block. The other rows are t2i and mmu rows as before (``mmu_fraction``).
+    """
     gen = step_generator(seed, step)
     index = torch.randint(0, len(data), (batch_size,), generator=gen).tolist()
     is_mmu = (torch.rand(batch_size, generator=gen) < mmu_fraction).tolist()
-    N, off = config.image_tokens, config.image_token_offset
-    rows_t2i, rows_mmu = [], []
+    kind = ["mmu" if m else "t2i" for m in is_mmu]
+    if text_diffusion > 0:  # its own generator: at 0 nothing is drawn and older runs replay exactly
+        g_kind = step_generator(seed + 7_919, step, salt=7)
+        draws = torch.rand(2, batch_size, generator=g_kind).tolist()
+        kind = [("describe" if d < 0.5 else "joint") if x < text_diffusion else k
+                for k, x, d in zip(kind, *draws)]
+    N, off, mask_id = config.image_tokens, config.image_token_offset, config.mask_token_id
+    rows_t2i, rows_mmu, rows_joint, rows_describe = [], [], [], []
     for row in range(rank, batch_size, world):
         g = step_generator(seed, step, salt=1 + row)  # per-example randomness, independent of the rank
-        if is_mmu[row]:
+        if kind[row] == "mmu":
             image, qa = data.mmu_example(index[row], g)
             rows_mmu.append((*mmu_sequence(image, qa, config), index[row]))
-        else:
+        elif kind[row] == "t2i":
             caption, image = data.t2i_example(index[row], g)
             if float(torch.rand(1, generator=g)) < config.cond_dropout:
                 caption = []
-            m = float(mask_ratio_schedule(torch.rand(1, generator=g), N))
-            n_mask = max(1, round(N * m))
-            masked = torch.zeros(N, dtype=torch.bool)
-            masked[torch.randperm(N, generator=g)[:n_mask]] = True
-            rows_t2i.append((caption, torch.as_tensor(image, dtype=torch.long), masked, m))
-    seqs, tasks, conds = [], [], []
+            rows_t2i.append((caption, *_masked_image(image, config, g)))
+        elif kind[row] == "joint":
+            caption, image = data.t2i_example(index[row], g)
+            rows_joint.append((_masked_block(caption, config, g, config.cond_dropout), _masked_image(image, config, g)))
+        else:
+            caption, image = data.t2i_example(index[row], g)
+            blank = float(torch.rand(1, generator=g)) < config.cond_dropout
+            rows_describe.append((_masked_block(caption, config, g, 0.0), torch.as_tensor(image, dtype=torch.long),
+                                  blank, index[row]))
+    seqs, tasks, conds, blocks = [], [], [], []
     masked_t, targets_t, ratio_t = [], [], []
     prompts = t2i_prompt_ids([c for c, *_ in rows_t2i], config) if rows_t2i else None
     for i, (_, image, masked, m) in enumerate(rows_t2i):
-        img_ids = torch.where(masked, torch.full_like(image, config.mask_token_id), image + off)
+        img_ids = torch.where(masked, torch.full_like(image, mask_id), image + off)
         seq = t2i_sequence(prompts[i : i + 1], img_ids[None], config)[0]
         seqs.append(seq.tolist())
         tasks.append(1)
         conds.append((torch.arange(seq.shape[0]) < config.max_text_len) & (seq != config.pad_id))
+        blocks.append(None)
         masked_t.append(masked)
         targets_t.append(image)
         ratio_t.append(m)
+    text_t = []  # (block, mask, ratio) of every text diffusion row, in row order
+    for (block, bmask, bm), (image, masked, m) in rows_joint:
+        img_ids = torch.where(masked, torch.full_like(image, mask_id), image + off)
+        seq, in_block = joint_sequence(torch.where(bmask, mask_id, block)[None], img_ids[None], config)
+        seqs.append(seq[0].tolist())
+        tasks.append(1)
+        conds.append(default_cond_mask(seq, torch.ones(1, dtype=torch.long), pad_id=config.pad_id,
+                                       soi_id=config.soi_id, text_block=in_block)[0])
+        blocks.append(in_block[0])
+        masked_t.append(masked)
+        targets_t.append(image)
+        ratio_t.append(m)
+        text_t.append((block, bmask, bm))
     answer_rows = []
     for ids, is_answer, is_cond, _ in rows_mmu:
         seqs.append(ids)
         tasks.append(0)
         conds.append(torch.tensor(is_cond))
+        blocks.append(None)
         answer_rows.append(torch.tensor(is_answer))
+    for (block, bmask, bm), image, blank, _ in rows_describe:
+        img_ids = torch.full_like(image, mask_id) if blank else image + off
+        seq, in_block = describe_sequence(img_ids[None], torch.where(bmask, mask_id, block)[None], config)
+        seqs.append(seq[0].tolist())
+        tasks.append(0)
+        conds.append(default_cond_mask(seq, torch.zeros(1, dtype=torch.long), pad_id=config.pad_id,
+                                       soi_id=config.soi_id, text_block=in_block)[0])
+        blocks.append(in_block[0])
+        text_t.append((block, bmask, bm))
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), config.pad_id, dtype=torch.long)
     cond_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for r, (s, c) in enumerate(zip(seqs, conds)):
+    text_block = torch.zeros(len(seqs), L, dtype=torch.bool) if text_t else None
+    for r, (s, c, blk) in enumerate(zip(seqs, conds, blocks)):
         input_ids[r, L - len(s):] = torch.tensor(s)
         cond_mask[r, L - len(s):] = c
-    Bt = len(rows_t2i)
-    mmu_rows = torch.arange(Bt, len(seqs))
-    next_targets = torch.full((len(mmu_rows), L), config.pad_id, dtype=torch.long)
-    answer_mask = torch.zeros(len(mmu_rows), L, dtype=torch.bool)
+        if blk is not None:
+            text_block[r, L - len(s):] = blk
+    Bt, Bj, Bm = len(rows_t2i), len(rows_joint), len(rows_mmu)
+    image_rows = Bt + Bj
+    mmu_rows = torch.arange(image_rows, image_rows + Bm)
+    next_targets = torch.full((Bm, L), config.pad_id, dtype=torch.long)
+    answer_mask = torch.zeros(Bm, L, dtype=torch.bool)
     for j, is_answer in enumerate(answer_rows):
-        ids = input_ids[Bt + j]
+        ids = input_ids[image_rows + j]
         next_targets[j, :-1] = ids[1:]
         full = torch.zeros(L, dtype=torch.bool)
         full[L - len(is_answer):] = is_answer
         answer_mask[j, :-1] = full[1:]  # position p predicts token p + 1
     e_sem = e_id = None
-    if rows_mmu and getattr(data, "embeddings", None) is not None and data.embeddings(rows_mmu[0][3]) is not None:
+    faces = [(image_rows + j, face, False) for j, (*_, face) in enumerate(rows_mmu)]
+    faces += [(image_rows + Bm + j, face, blank) for j, (_, _, blank, face) in enumerate(rows_describe)]
+    if faces and getattr(data, "embeddings", None) is not None and data.embeddings(faces[0][1]) is not None:
         e_sem = torch.zeros(len(seqs), config.sem_dim)
         e_id = torch.zeros(len(seqs), config.id_dim)
-        for j, (*_, face) in enumerate(rows_mmu):
-            e_sem[Bt + j], e_id[Bt + j] = data.embeddings(face)
+        for r, face, blank in faces:
+            if not blank:  # a fully masked image has no embeddings: its sequence experts act as Copy
+                e_sem[r], e_id[r] = data.embeddings(face)
+    text_fields = {}
+    if text_t:
+        text_rows = torch.cat([torch.arange(Bt, image_rows), torch.arange(image_rows + Bm, len(seqs))])
+        text_fields = dict(
+            text_block=text_block, text_rows=text_rows,
+            text_start=text_block[text_rows].float().argmax(dim=1),
+            text_masked=torch.stack([m for _, m, _ in text_t]), text_targets=torch.stack([b for b, _, _ in text_t]),
+            text_ratio=torch.tensor([r for *_, r in text_t], dtype=torch.float32))
     return Batch(
-        e_sem=e_sem, e_id=e_id, t2i_text=[list(c) for c, *_ in rows_t2i],
+        e_sem=e_sem, e_id=e_id, t2i_text=[list(c) for c, *_ in rows_t2i] + [[] for _ in rows_joint],
         input_ids=input_ids, task=torch.tensor(tasks, dtype=torch.long), cond_mask=cond_mask,
-        t2i_rows=torch.arange(Bt), image_start=L - N - 1,
-        masked=torch.stack(masked_t) if Bt else torch.zeros(0, N, dtype=torch.bool),
-        targets=torch.stack(targets_t) if Bt else torch.zeros(0, N, dtype=torch.long),
+        t2i_rows=torch.arange(image_rows), image_start=L - N - 1,
+        masked=torch.stack(masked_t) if image_rows else torch.zeros(0, N, dtype=torch.bool),
+        targets=torch.stack(targets_t) if image_rows else torch.zeros(0, N, dtype=torch.long),
         mask_ratio=torch.tensor(ratio_t, dtype=torch.float32), mmu_rows=mmu_rows, next_targets=next_targets,
-        answer_mask=answer_mask,
+        answer_mask=answer_mask, **text_fields,
     )
 
 
@@ -271,12 +365,14 @@ def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="referen
     """(loss to backpropagate, dict of float32 statistics). Sums divided by global (all-rank) counts. ``rsc`` (a
     ``SemanticConsistency``) adds ``rsc_weight`` x its loss on the t2i rows."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch.input_ids, batch.task, cond_mask=batch.cond_mask, e_sem=batch.e_sem, e_id=batch.e_id)
+        out = model(batch.input_ids, batch.task, cond_mask=batch.cond_mask, e_sem=batch.e_sem, e_id=batch.e_id,
+                    text_block=batch.text_block)
     logits = out.logits
     K, off, N = config.codebook_size, config.image_token_offset, config.image_tokens
+    text_masked = batch.text_masked if batch.text_masked is not None else torch.zeros(0, 1, dtype=torch.bool)
     counts = all_reduce_sum(torch.tensor([float(batch.masked.sum()), float(batch.answer_mask.sum()),
-                                          float(batch.input_ids.shape[0])]))
-    n_masked, n_answer, n_rows = counts.clamp(min=1).tolist()
+                                          float(batch.input_ids.shape[0]), float(text_masked.sum())]))
+    n_masked, n_answer, n_rows, n_text = counts.clamp(min=1).tolist()
     loss = logits.new_zeros((), dtype=torch.float32)
     stats = {}
     if len(batch.t2i_rows):
@@ -293,6 +389,23 @@ def batch_loss(model, batch: Batch, config: FaceConfig, *, loss_backend="referen
             if rsc_loss is not None:
                 loss = loss + rsc_weight * rsc_loss
                 stats["rsc"] = float(rsc_loss.detach())
+    if batch.text_rows is not None and len(batch.text_rows):
+        # the D3Diff loss over the text vocabulary at the blocks' masked positions, each row at its own level. The
+        # text logits enter it normalised (log-softmax over the text vocabulary), so its score term is r * CE, a
+        # time weighting: unnormalised, the score term's pull toward self-normalised logits fights the scale the
+        # autoregressive head already has (a face-s fine-tune measured the text loss at 172 and the understanding
+        # loss rising from 0.35 to 15 within 10 steps). Sampling normalises anyway, so nothing else changes.
+        T = batch.text_masked.shape[1]
+        columns = batch.text_start[:, None] + torch.arange(T)  # [Bx, T]
+        text_logits = logits[batch.text_rows[:, None], columns, : config.text_vocab_size]  # [Bx, T, V_text]
+        sel = batch.text_masked
+        ratio = batch.text_ratio[:, None].expand(-1, T)[sel]
+        per_pos = ops.d3diff_loss(torch.log_softmax(text_logits[sel].float(), dim=-1), batch.text_targets[sel], ratio,
+                                  alpha=config.d3diff_alpha, reduction="none", r_max=config.d3diff_r_max,
+                                  backend=loss_backend)
+        text_loss = per_pos.sum() / n_text
+        loss = loss + text_loss
+        stats["text"] = float(text_loss.detach())
     if len(batch.mmu_rows):
         mmu_logits = logits[batch.mmu_rows]
         # next_token_loss is a mean over this rank's answer tokens; rescale to the global count
@@ -581,11 +694,13 @@ class TrainSettings:
     max_seconds: float | None = None  # wall-time budget: stop (and checkpoint) once exceeded
     rsc_weight: float = 0.0  # reciprocal semantic consistency (``SemanticConsistency``); 0 = off
     embedding_lr_scale: float = 1.0  # learning-rate factor of the e_sem/e_id projections (W_s, W_id)
+    text_diffusion: float = 0.0  # share of text diffusion rows (joint and describe; ``make_batch``)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_bounded("mmu_fraction", self.mmu_fraction, 0, 1)
+        check_bounded("text_diffusion", self.text_diffusion, 0, 1)
         check_bounded("rsc_weight", self.rsc_weight, 0, 1e3)
         check_bounded("embedding_lr_scale", self.embedding_lr_scale, 0, 1e4)
 
@@ -648,7 +763,8 @@ def train(model, data, tokenizer, settings: TrainSettings, out: Path | None = No
     for step in range(start, end):
         torch.manual_seed(settings.seed * 1_000_003 + step)  # the Noise expert's draws
         batch = make_batch(data, config, seed=settings.seed, step=step, batch_size=settings.batch_size,
-                           mmu_fraction=settings.mmu_fraction, rank=rank, world=world)
+                           mmu_fraction=settings.mmu_fraction, rank=rank, world=world,
+                           text_diffusion=settings.text_diffusion)
         for group in optimizer.param_groups:
             group["lr"] = group["lr_scale"] * lr_at(step, lr=settings.lr, warmup=settings.warmup, total=settings.steps)
         loss, stats = batch_loss(model, batch, config, loss_backend=settings.loss_backend,
@@ -739,6 +855,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--caption-rate", type=arg_fraction, default=0.0,
                    help="share of understanding examples that first ask for the whole caption (face world; "
                         "'what does this person look like?'; default: 0)")
+    p.add_argument("--text-diffusion", type=arg_fraction, default=0.0, metavar="SHARE",
+                   help="share of text diffusion rows (UniDiffuser: joint rows mask the caption block and the image "
+                        "each at its own level, describe rows mask the caption after a clean image; default: 0)")
     p.add_argument("--seed", type=arg_nonnegative_int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=arg_positive_int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
@@ -822,7 +941,7 @@ def run(args) -> int:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              mmu_fraction=args.mmu_fraction, seed=args.seed, save_every=args.save_every,
                              autocast=args.bf16, rsc_weight=args.rsc,
-                             embedding_lr_scale=args.embedding_lr_scale,
+                             embedding_lr_scale=args.embedding_lr_scale, text_diffusion=args.text_diffusion,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     log_file = out / "train.log"
 

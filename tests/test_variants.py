@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastface.checkpoint import CheckpointError, load_checkpoint
-from fastface.config import PRESETS, SPECIAL_TOKENS, FaceConfig
+from fastface.config import GROUP_GENERATION, PRESETS, SEQ_EXPERTS, SPECIAL_TOKENS, FaceConfig
 from fastface.convert import PHI_VARIANT, phi_state_dict_to_fastface
 from fastface.engine import Engine
 from fastface.model import BlockContext, FaceTransformer, rotary_tables
@@ -182,14 +182,18 @@ def test_bias_false_is_the_network_with_zero_biases(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_trains(variant):
     """A training forward: the load-balancing loss only where there is a token router, a gradient for every weight
-    (but the embeddings' projections, given no embeddings)."""
+    (but the embeddings' projections, given no embeddings, and a sequence router whose every row chose two Copy
+    experts: its weights then mix two equal outputs, a zero gradient by construction)."""
     cfg = variant_config(variant)
     model = sharp_model(cfg).train()
     out = model(t2i_example(cfg), torch.tensor([1, 1]))
     assert (float(out.aux_loss.detach()) > 0) == (cfg.mlp == "moe")
     (out.logits.float().square().mean() + out.aux_loss).backward()
+    copies = {f"layers.{i}.seq_moe.router" for i, (_, experts) in enumerate(out.routes)
+              if experts.numel() and all({SEQ_EXPERTS[GROUP_GENERATION][e] for e in row} == {"copy"}
+                                         for row in experts.tolist())}
     for name, p in model.named_parameters():
-        if "sem_proj" not in name and "id_proj" not in name:
+        if "sem_proj" not in name and "id_proj" not in name and name not in copies:
             assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"no gradient for {name}"
 
 

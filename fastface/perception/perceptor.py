@@ -75,7 +75,7 @@ def image_batch(images, size: int, name: str = "images") -> torch.Tensor:
             arrays.append(_check_one(img, size, f"{name}[{i}]"))
         return torch.from_numpy(np.stack(arrays))
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # a read-only view (PIL) is copied
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be uint8 [B, {size}, {size}, 3] (tensor, array or a list of images), "
                         f"got {type(images).__name__}")
