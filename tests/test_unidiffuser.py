@@ -401,3 +401,126 @@ def test_resolve_region_by_name_pixels_and_tokens():
             resolve_region(bad, 16, parsing=parsing)
     with pytest.raises(ValueError, match="parsing map"):
         resolve_region("hair", 16)
+
+
+# ------------------------------------------------------------------------------- pipeline and command line
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import fastface
+
+    return fastface.load()
+
+
+@pytest.fixture(scope="module")
+def faces(pipe):
+    from fastface.data.dataset import make_dataset
+
+    return make_dataset(3, seed=12_345, captions=False)
+
+
+def test_pipeline_describe_both_modes(pipe, faces):
+    images = list(faces["images"])
+    parallel = pipe.describe(images, steps=4, seed=3)
+    assert len(parallel) == 3 and all(isinstance(c, str) for c in parallel)
+    alone = pipe.describe(images[1:2], steps=4, seed=4)
+    assert alone == parallel[1:2], "image b uses seed + b: the same caption alone"
+    ids = pipe.encode_images(images)  # ids: their embeddings come from the decoded pixels
+    assert len(pipe.describe(ids, steps=4, seed=3)) == 3
+    auto = pipe.describe(images[:2], mode="autoregressive", max_new_tokens=6)
+    assert len(auto) == 2 and all(len(c.split()) <= 6 for c in auto)
+    assert pipe.describe([], steps=2) == [] and pipe.describe([], mode="autoregressive") == []
+    with pytest.raises(ValueError, match="mode"):
+        pipe.describe(images, mode="beam")
+
+
+def test_pipeline_generate_pairs(pipe):
+    captions, images = pipe.generate_pairs(2, steps=3, seed=1)
+    assert len(captions) == len(images) == 2 and images[0].size == (pipe.config.image_size,) * 2
+    again, tokens = pipe.generate_pair_tokens(1, steps=3, seed=2)
+    assert again == captions[1:], "pair b uses seed + b"
+    blank, _ = pipe.generate_pair_tokens(2, steps=3, text=False)
+    assert blank == ["", ""]
+    none, ids = pipe.generate_pair_tokens(0)
+    assert none == [] and ids.shape == (0, pipe.config.image_tokens)
+    with pytest.raises(ValueError, match="n"):
+        pipe.generate_pair_tokens(-1)
+
+
+def test_pipeline_edit_keeps_every_token_outside_the_region(pipe, faces):
+    image = faces["images"][0]
+    before = pipe.encode_images([image])
+    mask = np.zeros((pipe.config.image_size,) * 2, dtype=bool)
+    mask[:20, :] = True  # the top of the picture: 5 token rows of 16
+    edited = pipe.edit_tokens([image], ["a woman with blue hair"], mask, steps=4, seed=0)
+    region = resolve_region(mask, pipe.config.image_grid)
+    assert int(region.sum()) == 5 * pipe.config.image_grid
+    assert torch.equal(edited[0][~region], before[0][~region])
+    assert bool((edited[0][region] != before[0][region]).any())
+    by_name = pipe.edit(image, "a woman with blue hair", "hair", steps=4, seed=0)
+    assert by_name.size == (pipe.config.image_size,) * 2
+    batch = pipe.edit_tokens(list(faces["images"][:2]), ["a woman with blue hair", "a man"], [mask, region],
+                             steps=4, seed=[0, 9])
+    assert torch.equal(batch[0], edited[0]), "an edit alone == in a batch"
+    assert torch.equal(batch[1][~region], pipe.encode_images([faces["images"][1]])[0][~region])
+    with pytest.raises(ValueError, match="regions"):
+        pipe.edit_tokens([image], ["a"], [mask, mask])
+    with pytest.raises(ValueError, match="prompts"):
+        pipe.edit_tokens([image], ["a", "b"], mask)
+    with pytest.raises(ValueError, match="region must be one of"):
+        pipe.edit(image, "a", "elbow")
+
+
+def run_cli(argv, capsys):
+    from fastface import cli
+
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_describe_and_edit(faces, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    path = tmp_path / "face.png"
+    Image.fromarray(faces["images"][0]).save(path)
+    code, out, err = run_cli(["describe", str(path), str(path), "--steps", "3", "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [str(path)] * 2 and all(isinstance(r["caption"], str) for r in rows)
+    code, out, err = run_cli(["describe", str(path), "--mode", "autoregressive"], capsys)
+    assert code == 0 and out.endswith("\n"), err
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.arange(256).reshape(16, 16) < 48)
+    for region in ("hair", str(mask)):
+        code, out, err = run_cli(["edit", str(path), "a woman with blue hair", "--region", region, "--steps", "3",
+                                  "-o", str(tmp_path / "out.png"), "--quiet"], capsys)
+        assert code == 0, err
+        assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["describe", "missing.png"], "does not exist"),
+    (["describe", "{face}", "--steps", "0"], "must be > 0"),
+    (["edit", "{face}", "a", "--region", "elbow"], "must be one of"),
+    (["edit", "{face}", "a", "--region", "{bad_mask}"], "shape"),
+    (["edit", "{face}", " ", "--region", "hair"], "prompt is empty"),
+    (["edit", "{face}", "a", "--region", "hair", "-o", "/no/such/dir/x.png"], "does not exist"),
+])
+def test_cli_errors_are_one_line(argv, match, faces, tmp_path, capsys):
+    from PIL import Image
+
+    face = tmp_path / "face.png"
+    Image.fromarray(faces["images"][0]).save(face)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros(7, dtype=bool))
+    argv = [a.format(face=face, bad_mask=bad) for a in argv]
+    try:
+        code, out, err = run_cli(argv, capsys)
+    except SystemExit as exc:  # argparse refuses the value itself
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert match in err
