@@ -217,3 +217,50 @@ def test_generation_with_confidence_threshold_reports_steps_run(tiny_pipe, faces
     assert "threshold 1e-06 (1.0 steps run" in markdown_report({"faces": 4, "seed": 0, "generation": eager})
     assert main(["--threshold", "1.5", "--parts", "generation"]) == 2
     assert "argument --threshold: must lie in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- captions, joint pairs, edits
+
+
+def test_score_captions_on_truth_and_hand_made(faces):
+    from fastface.data.text import caption
+    from fastface.eval_directions import caption_labels, score_captions
+
+    attrs = faces["attrs"]
+    truth = [caption(a, np.random.default_rng(i), max_tokens=60) for i, a in enumerate(attrs)]
+    ok = score_captions(truth, attrs)
+    assert ok["overall"] == 1.0 and ok["named_per_caption"] >= 5
+    a = attrs[0]
+    other = next(c for c in ATTRIBUTES["hair_colour"] if c != a.hair_colour and c != "none")
+    wrong = score_captions([f"a {a.gender} with short {other} hair"], attrs[:1])
+    assert wrong["per_attribute"]["gender"] == 1.0 and wrong["per_attribute"]["hair_colour"] == 0.0
+    assert wrong["named_per_caption"] >= 2
+    row = caption_labels("a man with red hair and blonde hair")
+    assert row[NAMES.index("hair_colour")] == -2, "two hair colours: a contradiction, scored wrong"
+    assert score_captions([""], attrs[:1])["named_per_caption"] == 0
+
+
+def test_captions_and_pairs_end_to_end_on_a_tiny_model(tiny_pipe, faces):
+    torch.manual_seed(0)
+    clf = AttributeClassifier.from_name("tiny").eval()
+    result = evaluate(tiny_pipe, clf, faces=faces, num_faces=4, steps=2, parts=["captions", "pairs"], batch_size=3)
+    runs = result["captions"]["runs"]
+    assert set(runs) == {"diffusion-4", "diffusion-8", "diffusion-16", "autoregressive"}
+    assert all(r["text_tokens"] >= 4 and r["text_tokens_per_s"] > 0 for r in runs.values())
+    assert result["captions"]["oracle"]["overall"] == 1.0
+    pairs = result["pairs"]
+    assert pairs["pairs"] == 4 and set(pairs["per_attribute"]) == set(ATTRIBUTES)
+    json.dumps(result)
+    table = markdown_report(result)
+    assert "| diffusion-4 |" in table and "Joint samples" in table
+
+
+def test_edit_part_on_the_embedded_model(faces):
+    import fastface
+
+    pipe = fastface.load()
+    result = evaluate(pipe, None, faces=faces, num_faces=4, steps=2, parts=["edit"], batch_size=4)
+    edit = result["edit"]
+    assert edit["outside_region_unchanged"] == 1.0
+    assert 0 <= edit["new_colour_shown"] <= 1 and edit["faces"] >= 1
+    assert "Hair-colour edits" in markdown_report(result)
