@@ -191,6 +191,7 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
         kind = [("describe" if d < 0.5 else "joint") if x < text_diffusion else k
                 for k, x, d in zip(kind, *draws)]
     N, off, mask_id = config.image_tokens, config.image_token_offset, config.mask_token_id
+    block_example = getattr(data, "block_example", data.t2i_example)  # the caption a text block holds
     rows_t2i, rows_mmu, rows_joint, rows_describe = [], [], [], []
     for row in range(rank, batch_size, world):
         g = step_generator(seed, step, salt=1 + row)  # per-example randomness, independent of the rank
@@ -203,10 +204,10 @@ def make_batch(data, config: FaceConfig, *, seed: int, step: int, batch_size: in
                 caption = []
             rows_t2i.append((caption, *_masked_image(image, config, g)))
         elif kind[row] == "joint":
-            caption, image = data.t2i_example(index[row], g)
+            caption, image = block_example(index[row], g)
             rows_joint.append((_masked_block(caption, config, g, config.cond_dropout), _masked_image(image, config, g)))
         else:
-            caption, image = data.t2i_example(index[row], g)
+            caption, image = block_example(index[row], g)
             blank = float(torch.rand(1, generator=g)) < config.cond_dropout
             rows_describe.append((_masked_block(caption, config, g, 0.0), torch.as_tensor(image, dtype=torch.long),
                                   blank, index[row]))
@@ -858,6 +859,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--text-diffusion", type=arg_fraction, default=0.0, metavar="SHARE",
                    help="share of text diffusion rows (UniDiffuser: joint rows mask the caption block and the image "
                         "each at its own level, describe rows mask the caption after a clean image; default: 0)")
+    p.add_argument("--canonical-captions", action="store_true",
+                   help="caption answers and text diffusion blocks hold each face's one canonical caption (the face "
+                        "world's caption at a fixed seed) instead of a fresh random wording (face world)")
     p.add_argument("--seed", type=arg_nonnegative_int, default=0, help="seed of the whole run")
     p.add_argument("--save-every", type=arg_positive_int, default=200, help="checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU bf16 matrix units)")
@@ -897,7 +901,7 @@ def build_data(args, config: FaceConfig):
 
     data = FaceWorldData.build(config, faces=args.faces, seed=args.seed, image_tokenizer=args.image_tokenizer,
                                qa_per_example=args.qa_per_example, caption_rate=args.caption_rate,
-                               embedder=args.embedder)
+                               embedder=args.embedder, canonical_captions=args.canonical_captions)
     return data, data.tokenizer, data.image_tokenizer
 
 

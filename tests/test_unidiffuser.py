@@ -524,3 +524,32 @@ def test_cli_errors_are_one_line(argv, match, faces, tmp_path, capsys):
         code, err = exc.code, capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert match in err
+
+
+def test_canonical_captions_are_one_wording_per_face():
+    """With ``canonical_captions`` a face's caption answer and its text diffusion blocks are one caption, whatever the
+    row's randomness; without, they are fresh wordings."""
+    from fastface.data.text import parse_caption
+    from fastface.data.training import FaceWorldData
+
+    cfg = FaceConfig.from_name("face-s")
+    data = FaceWorldData.build(cfg, faces=3, seed=6, qa_per_example=1, caption_rate=1.0, canonical_captions=True)
+    for index in range(3):
+        text = data.canonical_caption(index)
+        found = parse_caption(text)
+        attrs = vars(data.attrs[index])
+        assert len(found) >= 5 and all(attrs[n] in v for n, v in found.items())
+        ids = data.encode(text)
+        for s in range(3):
+            gen = torch.Generator().manual_seed(s)
+            assert data.block_example(index, gen)[0] == ids
+            assert data.mmu_example(index, gen)[1][0][1] == ids
+    fresh = FaceWorldData.build(cfg, faces=1, seed=6, qa_per_example=1)
+    wordings = {tuple(fresh.block_example(0, torch.Generator().manual_seed(s))[0]) for s in range(4)}
+    assert len(wordings) > 1
+    b = make_batch(data, cfg, seed=0, step=0, batch_size=8, mmu_fraction=0.0, text_diffusion=1.0)
+    canonical = [data.encode(data.canonical_caption(i)) for i in range(3)]
+    for j in range(len(b.text_rows)):
+        assert block_text(b.text_targets[j].tolist(), cfg) in canonical
+    with pytest.raises(TypeError, match="canonical_captions"):
+        FaceWorldData.build(cfg, faces=1, canonical_captions="yes")

@@ -40,6 +40,9 @@ def encode_images(image_tokenizer, images: np.ndarray, batch: int = 256) -> torc
     return torch.cat(out)
 
 
+CANONICAL_SEED = 0  # the seed of every canonical caption (``FaceWorldData.canonical_caption``)
+
+
 @dataclass
 class FaceWorldData:
     """Training examples over a fixed set of rendered, tokenized faces."""
@@ -54,13 +57,17 @@ class FaceWorldData:
     embedder: object = None  # a FaceTextModel: e_sem and e_id of each face for the understanding experts
     e_sem: torch.Tensor | None = None  # [n, sem_dim] float32, from the rendered pixels (not the tokens)
     e_id: torch.Tensor | None = None  # [n, id_dim]
+    # caption answers and text diffusion blocks hold each face's one canonical caption (``canonical_caption``)
+    # rather than a fresh random wording: p(text | image) is then the face's attributes, not the templates' dice
+    canonical_captions: bool = False
 
     def __len__(self):
         return len(self.attrs)
 
     @classmethod
     def build(cls, config: FaceConfig, *, faces: int, seed: int = 0, image_tokenizer=None, progress=True,
-              qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0, embedder=None):
+              qa_per_example: int = QA_PER_EXAMPLE, caption_rate: float = 0.0, embedder=None,
+              canonical_captions: bool = False):
         """Render ``faces`` faces of dataset ``seed`` and tokenize them; with ``embedder`` (a ``FaceTextModel`` or
         the path of one) also compute their understanding embeddings (``e_sem``, ``e_id``) from the pixels."""
         from fastface.data.dataset import make_dataset
@@ -81,8 +88,10 @@ class FaceWorldData:
 
                 embedder = FaceTextModel.load(embedder)
             e_sem, e_id = embedder.understanding_embeddings(data["images"])
+        if not isinstance(canonical_captions, bool):
+            raise TypeError(f"canonical_captions must be True or False, got {type(canonical_captions).__name__}")
         return cls(config, data["attrs"], tokens, default_text_tokenizer(config.text_vocab_size),
-                   image_tokenizer, qa_per_example, float(caption_rate), embedder, e_sem, e_id)
+                   image_tokenizer, qa_per_example, float(caption_rate), embedder, e_sem, e_id, canonical_captions)
 
     def embeddings(self, index: int):
         """(e_sem [sem_dim], e_id [id_dim]) of face ``index``, or None without an embedder."""
@@ -97,13 +106,29 @@ class FaceWorldData:
         text = caption(self.attrs[index], _np_rng(gen), max_tokens=self.config.max_text_len - 3)
         return self.encode(text), self.image_tokens[index]
 
+    def canonical_caption(self, index: int) -> str:
+        """Face ``index``'s one canonical caption: the face world's caption drawn with a fixed seed (the same wording
+        for the same attributes)."""
+        from fastface.data.text import caption
+
+        rng = np.random.default_rng(CANONICAL_SEED)
+        return caption(self.attrs[index], rng, max_tokens=self.config.max_text_len - 3)
+
+    def block_example(self, index: int, gen: torch.Generator):
+        """(caption ids, image tokens) of a text diffusion row: the canonical caption with ``canonical_captions``,
+        else a fresh one (``t2i_example``)."""
+        if not self.canonical_captions:
+            return self.t2i_example(index, gen)
+        return self.encode(self.canonical_caption(index)), self.image_tokens[index]
+
     def mmu_example(self, index: int, gen: torch.Generator):
         from fastface.data.text import CAPTION_QUESTION, caption, vqa_pairs
 
         rng = _np_rng(gen)
         pairs = []
         if self.caption_rate and rng.random() < self.caption_rate:  # no draw at rate 0: older runs replay exactly
-            text = caption(self.attrs[index], rng, max_tokens=self.config.max_text_len - 3)
+            text = (self.canonical_caption(index) if self.canonical_captions else
+                    caption(self.attrs[index], rng, max_tokens=self.config.max_text_len - 3))
             pairs.append((CAPTION_QUESTION, text))
         pairs += vqa_pairs(self.attrs[index], rng, self.qa_per_example)
         return self.image_tokens[index], [(self.encode(q), self.encode(a)) for q, a in pairs]
