@@ -182,6 +182,24 @@ def cpu_has_bf16_matmul() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def math_dtype(dtype: str, backend: str, device: str = "cpu") -> str:
+    """The dtype a transformer asked to run in ``dtype`` with ``backend`` computes in.
+
+    ``auto`` on a CPU without bf16 matrix instructions runs float32 math on bfloat16 weights: the upcast is exact
+    (bf16 -> fp32 loses nothing) and bf16 matmuls would widen in software, several times slower. It says so once.
+    Every other case computes as asked (an explicit backend runs bf16 even where it is slow: ``warn_if_slow_bf16``).
+    """
+    if dtype == "bfloat16" and backend == "auto" and device == "cpu" and not cpu_has_bf16_matmul():
+        if ("bf16-auto", "cpu") not in _warned:
+            _warned.add(("bf16-auto", "cpu"))
+            warnings.warn("fastface: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): backend 'auto' "
+                          "runs float32 math on the bfloat16 weights (an exact upcast; bf16 math would be several "
+                          "times slower here); name a backend (e.g. backend='torch') to run bf16 anyway",
+                          RuntimeWarning, stacklevel=3)
+        return "float32"
+    return dtype
+
+
 def warn_if_slow_bf16(dtype: str) -> None:
     """Warn once when bfloat16 is asked for on a CPU that would run it slower than float32."""
     if dtype == "bfloat16" and not cpu_has_bf16_matmul() and ("bf16", "cpu") not in _warned:

@@ -73,6 +73,19 @@ def load_subject(model_path: str | None, preset: str | None, dtypes) -> Subject:
     return Subject(models, config, image_tokenizer, tokenizer, source)
 
 
+def _model_for(subject: Subject, backend: str, dtype: str):
+    """The model a (backend, dtype) contender runs, as the pipeline would load it (``backends.math_dtype``): for
+    bfloat16 weights that run float32 math, the bf16 weights upcast (made once)."""
+    from fastface import backends
+
+    if backends.math_dtype(dtype, backend) == dtype:
+        return subject.models[dtype]
+    key = f"{dtype}-as-float32"
+    if key not in subject.models:
+        subject.models[key] = _copy_as(subject.models[dtype], "float32")
+    return subject.models[key]
+
+
 def _copy_as(model, dtype_name):
     import copy
 
@@ -177,7 +190,7 @@ def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, 
         ids, seeds = prompt_ids(cfg, batch), list(range(batch))
         holders, gens = {}, {}
         for backend, dtype in contenders:
-            model = subject.models[dtype]
+            model = _model_for(subject, backend, dtype)
             for _ in range(warmup):
                 _generate(model, backend, ids, min(steps, 2), guidance, seeds)
             holders[backend, dtype] = holder = {}
@@ -190,17 +203,18 @@ def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, 
         rows = []
         for (backend, dtype), secs in times.items():
             row = dict(task="generate", backend=backend, dtype=dtype, batch=batch, steps=steps, guidance=guidance,
+                       math_dtype=str(_model_for(subject, backend, dtype).dtype).removeprefix("torch."),
                        **_summary(secs, batch * cfg.image_tokens))
             row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
             if breakdown and backend != "reference":
-                row["breakdown_s"] = _generate_breakdown(subject, subject.models[dtype], backend, ids, steps,
-                                                         guidance, seeds, holders[backend, dtype]["tokens"])
+                row["breakdown_s"] = _generate_breakdown(subject, _model_for(subject, backend, dtype), backend, ids,
+                                                         steps, guidance, seeds, holders[backend, dtype]["tokens"])
             rows.append(row)
         if answer:
             qids, max_new = question_ids(cfg, batch), cfg.max_answer_len
             outs, answers = {}, {}
             for backend, dtype in contenders:
-                model = subject.models[dtype]
+                model = _model_for(subject, backend, dtype)
                 for _ in range(warmup):
                     _answer(model, backend, qids, max_new)
                 outs[backend, dtype] = out = {}
@@ -219,7 +233,7 @@ def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, 
                     from fastface.profiling import Timers
 
                     timers = Timers()
-                    _answer(subject.models[dtype], backend, qids, max_new, timers=timers)
+                    _answer(_model_for(subject, backend, dtype), backend, qids, max_new, timers=timers)
                     row["breakdown_s"] = {k: round(v, 5) for k, v in timers.seconds.items()}
                 rows.append(row)
         _add_speedups(rows)
@@ -263,7 +277,7 @@ def _add_speedups(rows):
 
 def threshold_study(subject: Subject, *, backend, dtype, batch, steps, guidance, thresholds) -> list[dict]:
     """Confidence-threshold decoding: forward passes run and token agreement with the scheduled decoder."""
-    model = subject.models[dtype]
+    model = _model_for(subject, backend, dtype)
     ids = prompt_ids(subject.config, batch)
     seeds = list(range(batch))
     base = _generate(model, backend, ids, steps, guidance, seeds)
@@ -284,8 +298,8 @@ def bf16_agreement(subject: Subject, *, backend, batch, steps, guidance) -> dict
     """Token agreement of the bfloat16 engine with the float32 engine (same prompts and seeds)."""
     ids = prompt_ids(subject.config, batch)
     seeds = list(range(batch))
-    a = _generate(subject.models["float32"], backend, ids, steps, guidance, seeds)
-    b = _generate(subject.models["bfloat16"], backend, ids, steps, guidance, seeds)
+    a = _generate(_model_for(subject, backend, "float32"), backend, ids, steps, guidance, seeds)
+    b = _generate(_model_for(subject, backend, "bfloat16"), backend, ids, steps, guidance, seeds)
     return dict(batch=batch, steps=steps, token_agreement=round(float((a == b).float().mean()), 4))
 
 

@@ -396,13 +396,21 @@ class Pipeline:
 
 
 def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipeline:
-    """Load a checkpoint directory (default: the embedded face model) into a ``Pipeline``."""
+    """Load a checkpoint directory (default: the embedded face model) into a ``Pipeline``.
+
+    ``dtype="bfloat16"`` with ``backend="auto"`` on a CPU without bf16 matrix instructions loads the bf16 weights and
+    runs them in float32 (``backends.math_dtype``: an exact upcast, and faster there), with a warning once.
+    """
     backends.validate_choice(backend)
     check_choice("dtype", dtype, DTYPE_NAMES)
-    backends.warn_if_slow_bf16(dtype)
+    runs_in = backends.math_dtype(dtype, backend)  # auto on a CPU without bf16 instructions: float32 math
+    if runs_in == dtype:
+        backends.warn_if_slow_bf16(dtype)
     if path is None:
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the embedded default model is missing from this install ({path})")
     model, tokenizer, image_tokenizer, config = load_checkpoint(path, dtype=DTYPES[dtype])
+    if runs_in != dtype:
+        model = model.to(DTYPES[runs_in])  # the bf16 weights, upcast exactly
     return Pipeline(model, tokenizer, image_tokenizer, backend=backend, embedder=load_embedder(path, config))

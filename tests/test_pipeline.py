@@ -55,6 +55,31 @@ def test_bfloat16_warns_without_bf16_matrix_units(tiny_checkpoint, monkeypatch, 
     assert len(slow) == (0 if has_bf16 else 1)
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_runs_float32_math_where_the_cpu_has_no_bf16(tiny_checkpoint, monkeypatch, recwarn, has_bf16):
+    """``auto`` with bfloat16 on a CPU without bf16 instructions keeps the transformer in float32 (said once), and
+    draws exactly what the float32 pipeline of the bf16-rounded weights draws; a named backend runs bf16 as asked."""
+    import torch
+
+    from fastface import backends
+
+    monkeypatch.setattr(backends, "cpu_has_bf16_matmul", lambda: has_bf16)
+    monkeypatch.setattr(backends, "_warned", set())
+    auto = fastface.load(tiny_checkpoint, backend="auto", dtype="bfloat16")
+    fastface.load(tiny_checkpoint, backend="auto", dtype="bfloat16")
+    assert auto.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    said = [w for w in recwarn if "runs float32 math" in str(w.message)]
+    assert len(said) == (0 if has_bf16 else 1)
+    named = fastface.load(tiny_checkpoint, backend="torch", dtype="bfloat16")
+    assert named.dtype == torch.bfloat16
+    if not has_bf16:
+        rounded = fastface.load(tiny_checkpoint, backend="auto", dtype="float32")
+        with torch.no_grad():
+            for p in rounded.model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        assert torch.equal(auto.generate_tokens(["w1", "w2"], steps=3), rounded.generate_tokens(["w1", "w2"], steps=3))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(prompts=[]), ValueError, "prompts is empty"),
     (dict(prompts="w1", steps=0), ValueError, "steps"),
