@@ -25,6 +25,18 @@ arithmetic on the rows it keeps):
 Opt-in, not exact with respect to the schedule: ``threshold`` (the op's confidence-threshold decoding) also
 accepts every masked token whose sampled probability reaches the threshold; the loop ends when nothing is masked.
 
+Edits (``generate_image_tokens(tokens=..., region=...)``): the same loop with only the region masked at the start;
+each row's region is decoded as its own problem (``sampling.decode_step``).
+
+Image to text by masked diffusion (``Engine.describe_ids``), exact with respect to ``sampling.describe_ids``: the
+same segment loop (``_decode_segment``) with the caption block as the segment: the image prefix never attends to the
+block, so its keys/values and routing are computed once per request, the unconditional prefix (a fully masked
+image) once per model, and the head runs at still-masked block positions on the text columns only.
+
+Joint caption-face sampling (``Engine.generate_pair_ids``), exact with respect to ``sampling.generate_pair_ids``:
+the block changes every step and the routing with it, so cond rows run the whole sequence; uncond rows (a fully
+masked block, the same for every request) run only the image segment against its prefix, computed once per model.
+
 Understanding (``Engine.generate_answer_ids``), exact with respect to ``fastface.sampling.generate_answer_ids``:
 one prefill over the left-padded prompts, then one token per row per step into the static key/value cache (no
 concatenation), LM head at the last position on the allowed columns only.

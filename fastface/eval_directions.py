@@ -30,13 +30,14 @@ CAPTION_STEPS = (4, 8, 16)
 
 def caption_labels(text: str) -> np.ndarray:
     """int64 [n_attributes]: the value index of every attribute ``text`` names with a single value, else IGNORE;
-    an attribute named with several values is -2 (a contradiction, scored wrong)."""
+    an attribute named with several values, or with a word that is not one of its values, is -2 (scored wrong)."""
     from fastface.data.text import parse_caption
 
     row = np.full(len(ATTRIBUTES), IGNORE, dtype=np.int64)
     for name, values in parse_caption(text).items():
         k = list(ATTRIBUTES).index(name)
-        row[k] = ATTRIBUTES[name].index(next(iter(values))) if len(values) == 1 else -2
+        value = next(iter(values)) if len(values) == 1 else None
+        row[k] = ATTRIBUTES[name].index(value) if value in ATTRIBUTES[name] else -2  # not a value of it: wrong
     return row
 
 
