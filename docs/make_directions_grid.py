@@ -1,9 +1,9 @@
 """docs/face_s_directions.png: the embedded model in its other directions, 3x upscale.
 
 Row 1: six held-out face-world renders after the image tokenizer's round trip (the tokens the model reads and keeps);
-row 2: the same faces with their hair re-drawn under a prompt naming another hair colour (``Pipeline.edit``, region "hair"); row 3: six caption-face pairs drawn together
-(``Pipeline.generate_pairs``). The captions (of the renders, by masked diffusion and autoregressively, and of the
-pairs) go to docs/face_s_directions.md.
+row 2: the same faces with their hair re-drawn under a prompt naming another hair colour (``Pipeline.edit``, region
+"hair"); row 3: six caption-face pairs drawn together (``Pipeline.generate_pairs``). The captions (of the renders,
+by masked diffusion and autoregressively, and of the pairs) go to docs/face_s_directions.md.
 """
 from PIL import Image
 
