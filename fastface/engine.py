@@ -77,6 +77,7 @@ from fastface.prompts import describe_sequence, joint_sequence, t2i_prompt_ids, 
 from fastface.sampling import (
     IMAGE_STREAM,
     TEXT_STREAM,
+    check_pair_decoding,
     decode_step,
     initial_image_state,
     pair_text_state,
@@ -479,10 +480,10 @@ class Engine:
         still-masked positions on the text or codebook columns only.
         """
         timers = timers or OFF
-        check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
-                       confidence_temperature=confidence_temperature, schedule=schedule)
-        check_decoding(steps=steps, guidance=0.0, sample_temperature=text_sample_temperature,
-                       confidence_temperature=text_confidence_temperature, schedule=schedule)
+        check_pair_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                            confidence_temperature=confidence_temperature,
+                            text_sample_temperature=text_sample_temperature,
+                            text_confidence_temperature=text_confidence_temperature, schedule=schedule)
         c, model, device = self.config, self.model, self.device
         B, N, T, V = len(seeds), c.image_tokens, text_block_length(c), c.text_vocab_size
         mask_id, off = c.mask_token_id, c.image_token_offset

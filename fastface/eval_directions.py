@@ -138,26 +138,24 @@ def evaluate_edit(pipe, classifier, images, attrs_list, *, steps: int = 16, guid
     if not eligible:
         return {"skipped": "no face with visible hair"}
     originals = torch.cat([pipe.encode_images(list(images[i : i + 1])) for i in eligible])
-    edited, kept = [], []
+    edited = []
     t = time.perf_counter()
     for s in range(0, len(eligible), batch_size):
         src = originals[s : s + batch_size]
         out = pipe.edit_tokens(src, prompts[s : s + batch_size], "hair", steps=steps, guidance=guidance,
                                seed=seed + s)
-        changed = out != src
         edited.append(out)
-        kept.append(changed)
     seconds = time.perf_counter() - t
     edited_ids = torch.cat(edited)
-    before = classifier.predict_labels(np.stack([np.asarray(i) for i in pipe.decode_images(originals)]))
+    original_pixels = np.stack([np.asarray(i) for i in pipe.decode_images(originals)])
+    before = classifier.predict_labels(original_pixels)
     after = classifier.predict_labels(np.stack([np.asarray(i) for i in pipe.decode_images(edited_ids)]))
     want = np.array([colours.index(c) for c in targets])
     others = [k for k in range(len(order)) if k not in (k_hair, order.index("hair_style"))]
     # the region each edit re-drew, recomputed from the same parsing, to check nothing outside it moved
     from fastface.regions import resolve_region
 
-    parsing = [f.parsing for f in pipe.perception.perceive(np.stack([np.asarray(i) for i in
-                                                                    pipe.decode_images(originals)]))]
+    parsing = [f.parsing for f in pipe.perception.perceive(original_pixels)]
     regions = torch.stack([resolve_region("hair", pipe.config.image_grid, parsing=p,
                                           classes=pipe.perception.parsing_classes) for p in parsing])
     outside_same = float((edited_ids == originals)[~regions].float().mean()) if bool((~regions).any()) else 1.0

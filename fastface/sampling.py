@@ -282,10 +282,9 @@ def generate_pair_ids(
     block, ``caption_block``) fixes the caption: text-to-image in this layout. Guidance acts on the image only; its
     unconditional rows hold a fully masked block.
     """
-    check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
-                   confidence_temperature=confidence_temperature, schedule=schedule)
-    check_decoding(steps=steps, guidance=0.0, sample_temperature=text_sample_temperature,
-                   confidence_temperature=text_confidence_temperature, schedule=schedule)
+    check_pair_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                        confidence_temperature=confidence_temperature, text_sample_temperature=text_sample_temperature,
+                        text_confidence_temperature=text_confidence_temperature, schedule=schedule)
     cfg = model.config
     B, N, T, V = len(seeds), cfg.image_tokens, text_block_length(cfg), cfg.text_vocab_size
     device = model.device
@@ -319,6 +318,15 @@ def generate_pair_ids(
         if callback is not None:
             callback(step, block, tokens)
     return torch.where(block_masked, torch.full_like(block, mask_id), block), tokens
+
+
+def check_pair_decoding(*, steps, guidance, sample_temperature, confidence_temperature, text_sample_temperature,
+                        text_confidence_temperature, schedule) -> None:
+    """The options of a joint run: the image's (with guidance) and the caption's (guidance acts on the image only)."""
+    check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
+                   confidence_temperature=confidence_temperature, schedule=schedule)
+    check_decoding(steps=steps, guidance=0.0, sample_temperature=text_sample_temperature,
+                   confidence_temperature=text_confidence_temperature, schedule=schedule)
 
 
 def pair_text_state(config, batch: int, device, text=None, decode_text: bool = True):
