@@ -24,7 +24,7 @@ CHOICES = ("auto", *BACKENDS)
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "grouped_moe": {
         "reference": "fastface.ops.moe:grouped_moe_reference",
-        "torch": "fastface.torch_backend:grouped_moe_dense",
+        "torch": "fastface.torch_backend:grouped_moe_sorted",
         "cpp": "fastface._cpp:grouped_moe",
         "triton": "fastface.kernels.grouped_moe:grouped_moe",
     },

@@ -202,9 +202,17 @@ def check_bounded(name: str, value, lo: float, hi: float) -> float:
 
 
 def check_decoding(*, steps, guidance, sample_temperature, confidence_temperature, schedule, threshold=None,
-                   confidence_compounding=False, schedules=("cosine", "linear")) -> None:
-    """The options of a masked-decoding run, checked once before any work (the reference loop and the engine)."""
+                   confidence_compounding=False, schedules=("cosine", "linear"), guidance_steps=None,
+                   kv_refresh=None) -> None:
+    """The options of a masked-decoding run, checked once before any work (the reference loop and the engine).
+
+    ``guidance_steps`` (guidance on the first that many steps only) and ``kv_refresh`` (the engine recomputes every
+    position every that many steps, only the changing ones in between) are opt-in, faster than exact."""
     check_int("steps", steps, 1, MAX_STEPS)
+    if guidance_steps is not None:
+        check_int("guidance_steps", guidance_steps, 0, MAX_STEPS)
+    if kv_refresh is not None:
+        check_int("kv_refresh", kv_refresh, 1, MAX_STEPS)
     check_bounded("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
     check_bounded("sample_temperature", sample_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
     check_bounded("confidence_temperature", confidence_temperature, 0, MAX_TEMPERATURE)

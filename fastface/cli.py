@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=arg_probability, default=None,
                    help="also accept every token sampled with at least this probability, so decoding can finish "
                    "in fewer steps (default: off, the exact schedule)")
+    g.add_argument("--guidance-steps", type=arg_nonnegative_int, default=None, metavar="K",
+                   help="faster than exact: guidance on the first K steps only, later steps skip the unconditional "
+                   "pass (default: every step)")
+    g.add_argument("--kv-refresh", type=arg_positive_int, default=None, metavar="R",
+                   help="faster than exact: run the whole image every R steps and only its still-masked positions "
+                   "in between, reusing the other positions' keys/values (default: every step, exact)")
     g.add_argument("--grid", action="store_true",
                    help="also save all images as one grid (<output>-grid, with the output's extension)")
     g.add_argument("--tokens", default=None, metavar="PATH",
@@ -264,6 +270,7 @@ def cmd_generate(args):
     with _progress(args.steps, f"generating {len(prompts)} image(s)", args.quiet) as bar:
         tokens = pipe.generate_tokens(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                       schedule=args.schedule, threshold=args.threshold,
+                                      guidance_steps=args.guidance_steps, kv_refresh=args.kv_refresh,
                                       callback=lambda step, t, m: bar.update(1))
     if tokens_path is not None:
         _save_ids(tokens_path, tokens.numpy().astype("int64"))

@@ -52,10 +52,14 @@ class Decoder:
         """``GenerationStats`` of the engine's last image run (None for the reference loops)."""
         return self._engine.last_stats if self._engine is not None else None
 
-    def image_tokens(self, prompt_ids, *, timers=None, **kwargs):
-        """Codebook ids [B, N]; keyword arguments as ``fastface.sampling.generate_image_tokens``."""
+    def image_tokens(self, prompt_ids, *, timers=None, kv_refresh=None, **kwargs):
+        """Codebook ids [B, N]; keyword arguments as ``fastface.sampling.generate_image_tokens``, and the engine's
+        ``kv_refresh``."""
         if self.uses_engine:
-            return self.engine.generate_image_tokens(prompt_ids, timers=timers, **kwargs)
+            return self.engine.generate_image_tokens(prompt_ids, timers=timers, kv_refresh=kv_refresh, **kwargs)
+        if kv_refresh is not None:
+            raise ValueError(f"kv_refresh={kv_refresh!r} reuses the engine's cached keys/values; the reference loop "
+                             "recomputes every position every step: use a backend other than 'reference'")
         self.model.set_backend("reference")
         return generate_image_tokens(self.model, prompt_ids, backend="reference", **kwargs)
 

@@ -95,6 +95,7 @@ class GenerationStats:
     steps: int = 0  # scheduled steps
     steps_run: int = 0  # forward passes actually run (< steps only with threshold decoding)
     masked_per_step: list = field(default_factory=list)  # still-masked positions over the batch, per step
+    positions_run: int = 0  # segment positions run through the layers, summed over rows and steps
     cuda_graph: bool = False
 
 
@@ -129,6 +130,39 @@ class _Segment:
     offset: int  # unified id = decoded value + offset
     stream: int  # noise stream (``sampling.step_noise``)
     logit_bias: torch.Tensor | None = None  # added to the head's logits (text: banned specials)
+
+
+def _active_positions(previous: torch.Tensor, start: int, guided: bool) -> torch.Tensor:
+    """Segment positions [rows, A] a ``kv_refresh`` step runs: those masked at the previous step (``previous``
+    [B, n], decoded positions ``start``..), in order; a row with fewer than A repeats its first one (a duplicate
+    computes the same keys/values again, so a row's tokens do not depend on the rest of the batch)."""
+    counts = previous.sum(1)
+    A = max(int(counts.max()), 1)
+    order = torch.argsort(previous.to(torch.int8), dim=1, descending=True, stable=True)[:, :A]
+    pad = torch.arange(A, device=previous.device)[None, :] >= counts[:, None]
+    active = torch.where(pad, order[:, :1], order) + start
+    return torch.cat([active, active]) if guided else active
+
+
+class _RowsKV:
+    """The first ``rows`` rows of a ``StaticKVCache`` whose segment is written whole, or, with ``active``
+    [rows, A], only at those segment positions (the rest of the cache is read as it is)."""
+
+    def __init__(self, kv: StaticKVCache, rows: int, active: torch.Tensor | None):
+        self.kv, self.rows, self.active = kv, rows, active
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.kv.keys[layer][: self.rows], self.kv.values[layer][: self.rows]
+        start = self.kv.start
+        if self.active is None:
+            end = start + k.shape[2]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        index = (self.active + start)[:, None, :, None].expand_as(k)
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        return keys, values
 
 
 def _serialised(method):
@@ -283,54 +317,96 @@ class Engine:
 
     def _decode_segment(self, buf, cos, sin, mixtures, P, seg: _Segment, tokens, masked, *, B, guided, seeds,
                         steps, region=None, options, confidence_temperature, compounding=False, callback=None,
-                        timers=OFF, stats=None, graph=None):
+                        timers=OFF, stats=None, graph=None, guidance_steps=None, kv_refresh=None):
         """The step loop of one segment: write the current ids, run the segment, the head at still-masked
-        positions, the decode step. Returns (tokens, masked)."""
+        positions, the decode step. Returns (tokens, masked).
+
+        Opt-in, faster than exact (``fast_decoding_options``): ``guidance_steps`` -- guidance only on the first
+        that many steps, later steps run the cond rows alone; ``kv_refresh`` -- every ``kv_refresh`` steps the
+        whole segment runs, in between only the positions that were masked at the previous step (still masked,
+        or decoded by it), the other positions' keys/values coming from the last step that ran them.
+        """
         model, device, c = self.model, self.device, self.config
         R, n = buf.ids.shape[0], tokens.shape[1]
         width = seg.columns.stop - seg.columns.start
         logits_full = torch.zeros(R, n, width, dtype=torch.float32, device=device)  # written at masked rows only
+        hidden = None  # [R, S, H] the last hidden state of every segment position (kv_refresh)
+        previous = masked  # positions masked at the start of the previous step
         with timers.hooks(model):
             for step in range(steps):
                 if not bool(masked.any()):
                     break  # threshold decoding finished early
+                guided_now = guided and (guidance_steps is None or step < guidance_steps)
+                rows_run = 2 * B if guided_now else B
+                active = None
+                if kv_refresh is not None and step % kv_refresh != 0 and hidden is not None:
+                    active = _active_positions(previous, seg.positions.start, guided_now)
                 if stats is not None:
                     stats.steps_run += 1
                     stats.masked_per_step.append(int(masked.sum()))
+                    stats.positions_run += rows_run * (buf.ids.shape[1] if active is None else active.shape[1])
+                previous = masked
                 ids = torch.where(masked, torch.full_like(tokens, c.mask_token_id), tokens + seg.offset)
                 buf.ids[:B, seg.positions] = ids
-                if guided:
+                if guided_now:
                     buf.ids[B:, seg.positions] = ids
                 if graph is not None:
                     graph["cos"].copy_(cos)  # static inputs of the captured graph
                     graph["sin"].copy_(sin)
                     graph["graph"].replay()
                     x = graph["out"]
+                elif active is not None:
+                    x = hidden[:rows_run]
+                    x.scatter_(1, active[..., None].expand(-1, -1, x.shape[-1]),
+                               self._segment_forward(buf, cos, sin, mixtures, P, rows=rows_run, active=active))
                 else:
-                    x = self._segment_forward(buf, cos, sin, mixtures, P)
+                    x = self._segment_forward(buf, cos, sin, mixtures, P, rows=rows_run if rows_run < R else None)
+                    if kv_refresh is not None:
+                        hidden = x
                 with timers.section("lm_head", device):
                     # still-masked positions only: cond rows, then the same positions of the uncond rows
-                    rows = masked.repeat(2, 1) if guided else masked  # [R, n]
+                    rows = masked.repeat(2, 1) if guided_now else masked  # [rows_run, n]
                     logits = model.head(x[:, seg.positions][rows], seg.columns).float()
-                    logits_full[rows] = logits if seg.logit_bias is None else logits + seg.logit_bias
+                    logits_full[:rows_run][rows] = logits if seg.logit_bias is None else logits + seg.logit_bias
                 with timers.section("noise", device):
                     u = step_noise(seeds, step, n, device, stream=seg.stream)
                 with timers.section("sampler", device):
+                    step_options = options if guided_now else {**options, "guidance": 0.0}
                     tokens, masked = decode_step(
-                        logits_full, tokens, masked, u, region=region, step=step, steps=steps,
+                        logits_full[:rows_run], tokens, masked, u, region=region, step=step, steps=steps,
                         confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
                                                                            compounding=compounding),
-                        backend=self.backend, **options)
+                        backend=self.backend, **step_options)
                 if callback is not None:
                     callback(step, tokens, masked)
         return tokens, masked
 
-    def _segment_forward(self, buf: _StepBuffers, cos, sin, mixtures, P: int):
-        """The image segment buf.ids [R, S] through every block -> hidden [R, S, H] (before ln_f)."""
+    def _segment_forward(self, buf: _StepBuffers, cos, sin, mixtures, P: int, *, rows: int | None = None,
+                         active: torch.Tensor | None = None):
+        """The image segment buf.ids [R, S] through every block -> hidden [R, S, H] (before ln_f).
+
+        ``rows``: only the first that many rows; ``active`` [rows, A]: only those segment positions of each row
+        (-> hidden [rows, A, H]), their keys/values written at their places, every other key/value as cached.
+        """
         buf.kv.start = P  # the segment is rewritten at the same place every step
-        ctx = BlockContext(mask=buf.mask, cos=cos, sin=sin, groups=buf.groups, task=buf.task, kv=buf.kv,
-                           seq=mixtures, backend=self.backend)
-        return self.model.blocks(buf.ids, ctx)[0]
+        if rows is None and active is None:
+            ctx = BlockContext(mask=buf.mask, cos=cos, sin=sin, groups=buf.groups, task=buf.task, kv=buf.kv,
+                               seq=mixtures, backend=self.backend)
+            return self.model.blocks(buf.ids, ctx)[0]
+        rows = buf.ids.shape[0] if rows is None else rows
+        ids, mask = buf.ids[:rows], buf.mask[:rows]
+        cos, sin = cos[:rows], sin[:rows]
+        if active is not None:
+            ids = ids.gather(1, active)
+            mask = mask.gather(2, active[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+            cos = cos.gather(2, active[:, None, :, None].expand(-1, cos.shape[1], -1, cos.shape[-1]))
+            sin = sin.gather(2, active[:, None, :, None].expand(-1, sin.shape[1], -1, sin.shape[-1]))
+        L = ids.shape[1]
+        seq = [SeqMixture(m.scale[:rows], [b[:rows] for b in m.biases],
+                          None if m.noise is None else m.noise[:rows]) for m in mixtures]
+        ctx = BlockContext(mask=mask, cos=cos, sin=sin, groups=buf.groups[: rows * L], task=buf.task[:rows],
+                           kv=_RowsKV(buf.kv, rows, active), seq=seq, backend=self.backend)
+        return self.model.blocks(ids, ctx)[0]
 
     @_serialised
     @torch.no_grad()
@@ -352,6 +428,8 @@ class Engine:
         timers: Timers | None = None,
         tokens: torch.Tensor | None = None,
         region: torch.Tensor | None = None,
+        guidance_steps: int | None = None,
+        kv_refresh: int | None = None,
     ) -> torch.Tensor:
         """Codebook ids [B, N] int64 of one image per prompt; same contract as the reference sampler.
 
@@ -366,11 +444,16 @@ class Engine:
         callback : called as callback(step, tokens [B, N], masked [B, N]) after each step
         timers : ``Timers`` to accumulate the time per section into
         tokens, region : an edit (``fastface.sampling.generate_image_tokens``): only ``region`` [B, N] is re-decoded
+        guidance_steps : opt-in, faster than exact: guidance on the first that many steps only (as the reference)
+        kv_refresh : opt-in, faster than exact, engine only: every ``kv_refresh`` steps the whole image segment runs;
+            in between only the positions masked at the previous step, the others' keys/values reused
+            (dKV-cache style); 1 is exact
         """
         timers = timers or OFF
         check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
                        confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
-                       confidence_compounding=confidence_compounding)
+                       confidence_compounding=confidence_compounding, guidance_steps=guidance_steps,
+                       kv_refresh=kv_refresh)
         c, device = self.config, self.device
         prompt_ids = prompt_ids.to(device)
         B, P = prompt_ids.shape
@@ -387,7 +470,9 @@ class Engine:
 
         # ---- the decoding loop
         stats = GenerationStats(steps=steps)
-        graph = self._graph_for(buf, cos, sin, mixtures, P) if device.type == "cuda" and self.cuda_graphs else None
+        approximate = guidance_steps is not None or kv_refresh is not None  # run shapes change from step to step
+        graph = (self._graph_for(buf, cos, sin, mixtures, P)
+                 if device.type == "cuda" and self.cuda_graphs and not approximate else None)
         stats.cuda_graph = graph is not None
         seg = _Segment(positions=slice(1, N + 1), columns=self._codebook, offset=offset, stream=IMAGE_STREAM)
         options = dict(guidance=guidance, sample_temperature=sample_temperature, schedule=schedule,
@@ -396,7 +481,8 @@ class Engine:
                                          seeds=seeds, steps=steps, region=region, options=options,
                                          confidence_temperature=confidence_temperature,
                                          compounding=confidence_compounding, callback=callback, timers=timers,
-                                         stats=stats, graph=graph)
+                                         stats=stats, graph=graph, guidance_steps=guidance_steps,
+                                         kv_refresh=kv_refresh)
         self.last_stats = stats
         return tokens
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fastface.backends import CHOICES
-from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_positive_int, arg_probability
+from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_nonnegative_int, arg_positive_int, arg_probability
 from fastface.data.attributes import ATTRIBUTES
 from fastface.perception import IGNORE
 from fastface.perception.train import accuracy_table, held_out_faces, mean_accuracy
@@ -188,31 +188,45 @@ def score_generation(pred_generated: np.ndarray, pred_real: np.ndarray, labels: 
 def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DEFAULT_STEPS,
                         guidance: float = DEFAULT_GUIDANCE, seed: int = 0, per_prompt: int = 6,
                         names=PROMPT_NAMES, batch_size: int = 16, save_dir=None,
-                        threshold: float | None = None) -> dict:
+                        threshold: float | None = None, guidance_steps: int | None = None,
+                        kv_refresh: int | None = None) -> dict:
     """(b) Draw one face per prompt (``attribute_prompts``) and score the prompted attributes.
 
     ``images`` are the real renders of ``attrs_list`` (uint8 [n, S, S, 3]); prompt i uses seed ``seed + i``.
     With ``save_dir`` the generated faces are written there as PNGs beside ``prompts.txt``. ``threshold``
     turns on confidence-threshold decoding (``Pipeline.generate_tokens``); the steps each batch actually ran
-    are reported as ``mean_steps_run``.
+    are reported as ``mean_steps_run``. ``guidance_steps`` and ``kv_refresh``: the other faster-than-exact options
+    of ``Pipeline.generate_tokens``; ``work`` is the share of exact decoding's transformer positions the run
+    computed (engine only) and ``image_tokens_per_s`` its decoding speed.
     """
     max_words = pipe.config.max_text_len - 3
     prompts, labels = attribute_prompts(attrs_list, per_prompt=per_prompt, names=names, seed=seed,
                                         max_words=max_words)
-    generated, steps_run = [], []
+    generated, steps_run, work, decode_seconds = [], [], [], 0.0
     for i in range(0, len(prompts), batch_size):
         ran = []  # one entry per forward pass actually run (fewer than steps with threshold decoding)
-        generated += pipe.generate(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i,
-                                   threshold=threshold, callback=lambda *_, ran=ran: ran.append(1))
+        t = time.perf_counter()
+        tokens = pipe.generate_tokens(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i,
+                                      threshold=threshold, guidance_steps=guidance_steps, kv_refresh=kv_refresh,
+                                      callback=lambda *_, ran=ran: ran.append(1))
+        decode_seconds += time.perf_counter() - t
+        generated += pipe.decode_images(tokens)
         steps_run.append(len(ran))
+        stats = pipe.decoder.last_stats
+        if stats is not None:  # the engine: positions run against exact decoding's (every row, every step)
+            exact = len(tokens) * (2 if guidance != 0 else 1) * steps * (pipe.config.image_tokens + 2)
+            work.append(stats.positions_run / exact)
     arrays = np.stack([np.asarray(img.convert("RGB")) for img in generated])
     with torch.no_grad():
         tok = pipe.image_tokenizer
         recon = tok.decode(tok.encode(torch.from_numpy(np.ascontiguousarray(images))))
     out = score_generation(classifier.predict_labels(arrays), classifier.predict_labels(images), labels,
                            classifier.predict_labels(recon))
-    out.update({"steps": steps, "guidance": guidance, "threshold": threshold,
-                "mean_steps_run": float(np.mean(steps_run)), "attributes_per_prompt": per_prompt,
+    out.update({"steps": steps, "guidance": guidance, "threshold": threshold, "guidance_steps": guidance_steps,
+                "kv_refresh": kv_refresh, "mean_steps_run": float(np.mean(steps_run)),
+                "work": float(np.mean(work)) if work else None,
+                "image_tokens_per_s": round(len(prompts) * pipe.config.image_tokens / decode_seconds, 1),
+                "attributes_per_prompt": per_prompt,
                 "prompts": len(prompts), "example_prompts": prompts[:3]})
     out["facetext"] = facetext_scores(pipe, arrays, images, prompts)
     if save_dir is not None:
@@ -274,7 +288,8 @@ def evaluate_tokenizer(pipe, images, *, batch_size: int = 256) -> dict:
 def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, questions_per_face: int = 4, per_prompt: int = 6,
              parts=("vqa", "generation", "psnr"), batch_size: int = 16, faces: dict | None = None,
-             save_dir=None, log=None, threshold: float | None = None) -> dict:
+             save_dir=None, log=None, threshold: float | None = None, guidance_steps: int | None = None,
+             kv_refresh: int | None = None) -> dict:
     """Run the chosen ``parts`` on ``num_faces`` held-out renders (dataset ``seed``) -> a JSON-ready dict.
 
     ``faces`` (a ``make_dataset``-style dict with ``images`` and ``attrs``) replaces the rendered faces.
@@ -314,7 +329,8 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
             result["generation"] = evaluate_generation(pipe, classifier, images, attrs_list, steps=steps,
                                                        guidance=guidance, seed=seed, per_prompt=per_prompt,
                                                        batch_size=batch_size, save_dir=save_dir,
-                                                       threshold=threshold)
+                                                       threshold=threshold, guidance_steps=guidance_steps,
+                                                       kv_refresh=kv_refresh)
             result["generation"]["seconds"] = round(time.perf_counter() - t, 1)
             if hasattr(classifier, "sources"):
                 result["generation"]["judge"] = dict(classifier.sources)
@@ -376,6 +392,11 @@ def markdown_report(result: dict) -> str:
         lines[0] += f"; generation at {gen['steps']} steps, guidance {gen['guidance']}"
         if gen.get("threshold") is not None:
             lines[0] += f", confidence threshold {gen['threshold']} ({gen['mean_steps_run']:.1f} steps run on average)"
+        for key, what in (("guidance_steps", "guidance on the first {} steps"), ("kv_refresh", "kv refresh every {}")):
+            if gen.get(key) is not None:
+                lines[0] += ", " + what.format(gen[key])
+        if gen.get("work") is not None and gen["work"] < 1:
+            lines[0] += f" ({gen['work']:.0%} of exact decoding's work)"
     lines += ["", "| attribute | VQA accuracy | questions | generated: attribute shown | classifier on real renders "
               "| classifier on tokenizer round trip | prompts naming it |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ATTRIBUTES:
@@ -432,6 +453,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"classifier-free guidance weight (default: {DEFAULT_GUIDANCE})")
     parser.add_argument("--threshold", type=arg_probability, default=None,
                         help="confidence-threshold decoding for generation, in (0, 1] (default: off)")
+    parser.add_argument("--guidance-steps", type=arg_nonnegative_int, default=None,
+                        help="faster than exact: guidance on the first N decoding steps only (default: every step)")
+    parser.add_argument("--kv-refresh", type=arg_positive_int, default=None,
+                        help="faster than exact: recompute every image position every R steps, only the masked "
+                             "ones in between (default: every step)")
     parser.add_argument("--questions-per-face", type=arg_positive_int, default=4, help="VQA questions per face")
     parser.add_argument("--attributes-per-prompt", type=int, default=6,
                         help="attributes named per generation prompt besides gender (default: 6)")
@@ -468,7 +494,7 @@ def run(args) -> int:
                       guidance=args.guidance, questions_per_face=args.questions_per_face,
                       per_prompt=args.attributes_per_prompt, parts=args.parts, batch_size=args.batch_size,
                       save_dir=args.save_images, log=lambda msg: print(msg, file=sys.stderr),
-                      threshold=args.threshold)
+                      threshold=args.threshold, guidance_steps=args.guidance_steps, kv_refresh=args.kv_refresh)
     result["model"] = str(args.model) if args.model else "embedded face-s"
     result["backend"], result["dtype"] = args.backend, args.dtype
     text = markdown_report(result)

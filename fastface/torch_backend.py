@@ -4,12 +4,12 @@ Legend: T tokens, H hidden, E routed experts of a group, S shared experts, F / F
 D = E*F + S*Fs all expert units of a group side by side, B sequences, N image tokens, V codebook size,
 M still-masked positions.
 
-* ``grouped_moe_dense`` -- the grouped MoE as two large matmuls over every expert of a group. Every token runs
-  all E routed experts and its top-k routing weight scales each expert's activation before the down projection
-  (down is linear, so this is the same function); unselected experts get weight 0. Twice the routed-expert FLOPs
-  of a sorted dispatch, but no gather/scatter and two matmuls that the CPU's bf16 matrix units run at full rate
-  (the measured figures are beside the rule that picks it, ``fastface.backends._auto_order``). The arithmetic order
-  differs from the reference's, so ``auto`` uses it for bfloat16 only. Forward only.
+* ``grouped_moe_sorted`` -- the grouped MoE with the (token, slot) pairs sorted by expert and each routed expert
+  run on its own tokens (gathered rows, two matmuls, the routing weight, an ``index_add_`` back), the shared
+  experts as two matmuls over every token (packed once per weight tensor). The routed FLOPs only, on the CPU's
+  matrix library (bf16 matrix units where the CPU has them). The arithmetic order differs from the reference's,
+  so ``auto`` uses it for bfloat16 only (the measured figures are beside the rule that picks it,
+  ``fastface.backends._auto_order``). Forward only.
 * ``masked_decode_step_compact`` -- ``masked_decode_step_reference`` computed only at the still-masked positions,
   op for op, so the tokens are the reference's; it also implements the opt-in ``threshold``.
 
@@ -27,62 +27,67 @@ import torch.nn.functional as F
 from fastface.ops.masked_decode import scheduled_mask_len
 from fastface.ops.moe import activate, route
 
-# ------------------------------------------------------------------------------------------- dense MoE
+# ------------------------------------------------------------------------------------------ sorted MoE
 
-_PACKED: dict = {}  # (id(gate_up_proj), group) -> (weakrefs of every weight, their versions, packed matrices)
+_PACKED: dict = {}  # (id(gate_up_proj), group) -> (weakrefs of both weights, their versions, packed matrices)
 _PACKED_MAX = 256
 
 
-def _packed_experts(g: int, gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj):
-    """Group g's experts as W1 [2D, H] (every gate, then every up) and W2 [H, D]; cached while the same weight
-    tensors are alive and unchanged (identity of each, and its in-place version counter)."""
-    weights = (gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj)
-    versions = tuple(None if t is None else t._version for t in weights)
+def _packed_experts(g: int, gate_up_proj, down_proj):
+    """Group g's experts [G, n, 2F, H] / [G, n, H, F] side by side: W1 [2nF, H] (every gate, then every up) and W2
+    [H, nF]; cached while the same weight tensors are alive and unchanged (identity and in-place version counter)."""
+    weights = (gate_up_proj, down_proj)
+    versions = tuple(t._version for t in weights)
     key = (id(gate_up_proj), g)
     hit = _PACKED.get(key)
-    if hit is not None and hit[1] == versions and all(
-            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], weights)):
+    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], weights)):
         return hit[2]
-    E, F2, H = gate_up_proj.shape[1:]
+    n, F2, H = gate_up_proj.shape[1:]
     Fe = F2 // 2
-    gates = [gate_up_proj[g, :, :Fe].reshape(E * Fe, H)]
-    ups = [gate_up_proj[g, :, Fe:].reshape(E * Fe, H)]
-    downs = [down_proj[g].permute(1, 0, 2).reshape(H, E * Fe)]  # [H, E*F], expert-major columns
-    if shared_gate_up_proj is not None:
-        S, Fs2 = shared_gate_up_proj.shape[1:3]
-        Fs = Fs2 // 2
-        gates.append(shared_gate_up_proj[g, :, :Fs].reshape(S * Fs, H))
-        ups.append(shared_gate_up_proj[g, :, Fs:].reshape(S * Fs, H))
-        downs.append(shared_down_proj[g].permute(1, 0, 2).reshape(H, S * Fs))
-    packed = (torch.cat(gates + ups).contiguous(), torch.cat(downs, dim=1).contiguous(), E, Fe)  # W1, W2
+    w1 = torch.cat([gate_up_proj[g, :, :Fe].reshape(n * Fe, H), gate_up_proj[g, :, Fe:].reshape(n * Fe, H)])
+    w2 = down_proj[g].permute(1, 0, 2).reshape(H, n * Fe)  # [H, n*F], expert-major columns
+    packed = (w1.contiguous(), w2.contiguous())
     if len(_PACKED) >= _PACKED_MAX:
         _PACKED.clear()
-    _PACKED[key] = (tuple(None if t is None else weakref.ref(t) for t in weights), versions, packed)
+    _PACKED[key] = (tuple(weakref.ref(t) for t in weights), versions, packed)
     return packed
 
 
 @torch.no_grad()
-def grouped_moe_dense(x, group_ids, router_weight, gate_up_proj, down_proj, *, top_k, shared_gate_up_proj=None,
-                      shared_down_proj=None, normalize_topk=True, return_router_logits=False, activation="silu"):
-    """``ops.grouped_moe`` as two dense matmuls per group present in the batch (see the module docstring)."""
+def grouped_moe_sorted(x, group_ids, router_weight, gate_up_proj, down_proj, *, top_k, shared_gate_up_proj=None,
+                       shared_down_proj=None, normalize_topk=True, return_router_logits=False, activation="silu"):
+    """``ops.grouped_moe`` with each routed expert run on its own tokens only (see the module docstring)."""
     T, H = x.shape
     E = router_weight.shape[1]
-    y = torch.empty_like(x) if T else x.new_zeros(0, H)
+    y = x.new_zeros(T, H)
     router_logits = torch.zeros(T, E, dtype=torch.float32, device=x.device)
     groups = torch.unique(group_ids).tolist() if T else []
     for g in groups:
         whole = len(groups) == 1  # the usual case: one task per batch, no gather
         rows = None if whole else torch.nonzero(group_ids == g, as_tuple=True)[0]
         h = x if whole else x[rows]  # [Tg, H]
-        w1, w2, E, Fe = _packed_experts(g, gate_up_proj, down_proj, shared_gate_up_proj, shared_down_proj)
-        D = w2.shape[1]
-        gu = F.linear(h, w1)  # [Tg, 2D]
-        a = activate(gu[:, :D], activation) * gu[:, D:]  # [Tg, D]
         logits = h.float() @ router_weight[g].float().t()  # [Tg, E]
         weights, experts = route(logits, top_k, normalize_topk)  # [Tg, K]
-        scale = torch.zeros(h.shape[0], E, dtype=torch.float32, device=x.device).scatter_(1, experts, weights)
-        a[:, : E * Fe].view(-1, E, Fe).mul_(scale.to(a.dtype)[:, :, None])
-        out = F.linear(a, w2)  # [Tg, H]
+        if shared_gate_up_proj is not None:  # every token runs the shared experts: two matmuls for all of them
+            w1, w2 = _packed_experts(g, shared_gate_up_proj, shared_down_proj)
+            D = w2.shape[1]
+            gu = F.linear(h, w1)
+            out = F.linear(activate(gu[:, :D], activation) * gu[:, D:], w2)
+        else:
+            out = h.new_zeros(h.shape[0], H)
+        order = torch.argsort(experts.reshape(-1), stable=True)  # (token, slot) pairs by expert, in token order
+        counts = torch.bincount(experts.reshape(-1), minlength=E).tolist()
+        pair_weights = weights.reshape(-1)[order].to(h.dtype)
+        tokens = order // top_k
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                t = tokens[start : start + n]
+                gu = F.linear(h[t], gate_up_proj[g, e])  # [n, 2F]
+                Fe = gu.shape[1] // 2
+                a = activate(gu[:, :Fe], activation) * gu[:, Fe:]
+                out.index_add_(0, t, F.linear(a, down_proj[g, e]) * pair_weights[start : start + n, None])
+            start += n
         if whole:
             y, router_logits = out, logits
         else:

@@ -5,8 +5,8 @@ K top-k.
 
 Backends (``fastface.backends``), one row each:
   reference  fastface/ops/moe.py:grouped_moe_reference -- the oracle, a loop over groups and experts
-  torch      fastface/torch_backend.py:grouped_moe_dense -- every expert of a group as two dense matmuls; forward
-             only; bf16-oriented, so not bit-exact with the reference (tolerance in ``tolerance``)
+  torch      fastface/torch_backend.py:grouped_moe_sorted -- each routed expert on its gathered tokens, the shared
+             experts as two matmuls; forward only; not bit-exact with the reference (tolerance in ``tolerance``)
   cpp        csrc/grouped_moe.cpp through fastface._cpp (CPU; forward only); skipped when fastface._C is not built
   triton     kernels/grouped_moe.py (forward and backward); on a CUDA device compiled, on a CPU only under
              TRITON_INTERPRET=1 (slow: shapes stay small, and 16-wide blocks make H = 40, F = 24 span ragged tiles)
@@ -31,7 +31,7 @@ from fastface import backends, ops
 from fastface.loss import load_balancing_loss
 from fastface.ops.moe import expert_ffn, grouped_moe_per_token, grouped_moe_reference, route
 from fastface.testing import TOLERANCES, assert_close, backend_marks, backend_rows, make_moe_inputs
-from fastface.torch_backend import grouped_moe_dense
+from fastface.torch_backend import grouped_moe_sorted
 
 try:
     from fastface import _C, _cpp
@@ -71,7 +71,7 @@ def run(backend, args, **kw):
     if backend == "reference":
         return grouped_moe_reference(**args, **kw)
     if backend == "torch":
-        return grouped_moe_dense(**args, **kw)
+        return grouped_moe_sorted(**args, **kw)
     if backend == "cpp":
         return _cpp.grouped_moe(**args, **kw)
     return gm.grouped_moe(**args, block_config=SMALL, **kw)
@@ -388,7 +388,7 @@ def test_load_balancing_loss_is_one_when_balanced():
 
 
 # ====================================================================================================================
-# torch: the dense formulation (every expert of a group as two matmuls over packed weights)
+# torch: the sorted formulation (each routed expert on its tokens; the shared experts packed, two matmuls)
 # ====================================================================================================================
 
 
@@ -397,40 +397,50 @@ def test_torch_one_group_path_equals_the_gathered_path(dtype):
     """A batch of one group runs without a gather; in a mixed batch each group's rows are gathered: the same rows
     give the same outputs either way."""
     args = make_moe_inputs(50, 36, 20, G=3, E=5, S=1, Fs=12, dtype=dtype, seed=6)
-    y, logits = grouped_moe_dense(**args, top_k=2, return_router_logits=True)
+    y, logits = grouped_moe_sorted(**args, top_k=2, return_router_logits=True)
     for g in range(3):
         rows_g = args["group_ids"] == g
         alone = dict(args, x=args["x"][rows_g], group_ids=args["group_ids"][rows_g])
-        y_g, logits_g = grouped_moe_dense(**alone, top_k=2, return_router_logits=True)
+        y_g, logits_g = grouped_moe_sorted(**alone, top_k=2, return_router_logits=True)
         assert torch.equal(y_g, y[rows_g]), f"group {g}"
         assert torch.equal(logits_g, logits[rows_g]), f"group {g} router logits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_experts_without_tokens_and_shared_alone(dtype):
+    """An expert no token chose runs nothing; without shared experts the routed ones are the whole output."""
+    args = make_moe_inputs(2, 24, 16, G=1, E=6, S=0, dtype=dtype, seed=9)  # 2 tokens x top-2: >= 2 idle experts
+    _, experts = route(args["x"].float() @ args["router_weight"][0].float().t(), 2, True)
+    assert experts.unique().numel() <= 4
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(grouped_moe_sorted(**args, top_k=2), grouped_moe_reference(**args, top_k=2), atol=atol, rtol=rtol)
 
 
 def test_torch_packed_weights_follow_in_place_updates():
     """The packed expert matrices are cached per weight tensor and rebuilt when any of them changes in place (an
     optimizer step, ``load_state_dict``)."""
     args = make_moe_inputs(21, 24, 16, G=2, E=4, S=1, seed=7)
-    assert_close(grouped_moe_dense(**args, top_k=2), grouped_moe_reference(**args, top_k=2), atol=1e-5, rtol=1e-5)
+    assert_close(grouped_moe_sorted(**args, top_k=2), grouped_moe_reference(**args, top_k=2), atol=1e-5, rtol=1e-5)
     for name in ("gate_up_proj", "down_proj", "shared_gate_up_proj", "shared_down_proj"):
         with torch.no_grad():
             args[name].mul_(1.5)
-        assert_close(grouped_moe_dense(**args, top_k=2), grouped_moe_reference(**args, top_k=2), atol=1e-5,
+        assert_close(grouped_moe_sorted(**args, top_k=2), grouped_moe_reference(**args, top_k=2), atol=1e-5,
                      rtol=1e-5, name=f"after {name} changed in place")
 
 
 @pytest.mark.parametrize("name", ["down_proj", "shared_down_proj"])
 def test_torch_packed_weights_follow_new_tensors(name):
     args = make_moe_inputs(21, 24, 16, G=2, E=4, S=1, seed=8)
-    grouped_moe_dense(**args, top_k=2)
+    grouped_moe_sorted(**args, top_k=2)
     other = dict(args, **{name: args[name] * 2})  # a new tensor (in-place version 0) beside the same gate_up_proj
-    assert_close(grouped_moe_dense(**other, top_k=2), grouped_moe_reference(**other, top_k=2), atol=1e-5, rtol=1e-5)
+    assert_close(grouped_moe_sorted(**other, top_k=2), grouped_moe_reference(**other, top_k=2), atol=1e-5, rtol=1e-5)
 
 
 def test_torch_is_forward_only_and_the_op_trains_elsewhere():
     args = make_moe_inputs(9, 16, 12, seed=4)
     args["down_proj"].requires_grad_(True)
     assert "torch" in backends.FORWARD_ONLY["grouped_moe"]
-    assert not grouped_moe_dense(**args, top_k=2).requires_grad  # computes no graph
+    assert not grouped_moe_sorted(**args, top_k=2).requires_grad  # computes no graph
     y = ops.grouped_moe(**args, top_k=2, backend="torch")  # gradients wanted: the op runs one that has them
     (g,) = torch.autograd.grad(y.sum(), args["down_proj"])
     (want,) = torch.autograd.grad(grouped_moe_reference(**args, top_k=2).sum(), args["down_proj"])
