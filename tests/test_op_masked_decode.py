@@ -463,6 +463,18 @@ def test_decode_step_validation(backend):
         ops.masked_decode_step(logits.double(), tokens, masked, u, **kw)
     with pytest.raises(ValueError, match="threshold"):
         ops.masked_decode_step(logits, tokens, masked, u, threshold=1.5, **kw)
+    banned = logits.clone()
+    banned[:, :, 3] = -math.inf  # banned in both rows: (1 + w) * -inf - w * -inf would be NaN, then token 0
+    with pytest.raises(ValueError, match=r"-inf \(first at row 0, position 0\) with guidance 1.0.*-1e30"):
+        ops.masked_decode_step(banned, tokens, masked, u, **kw)
+    banned[:, :, 3] = -1e30  # the finite ban: never drawn
+    got, _ = ops.masked_decode_step(banned, tokens, masked, u, **kw)
+    assert not bool((got[masked] == 3).any())
+    unguided = dict(kw, guidance=0.0)
+    banned = logits[:2].clone()
+    banned[:, :, 3] = -math.inf  # without guidance -inf is how a token is banned
+    got, _ = ops.masked_decode_step(banned, tokens, masked, u, **unguided)
+    assert not bool((got[masked] == 3).any())
 
 
 # ====================================================================================================================

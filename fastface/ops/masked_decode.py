@@ -143,6 +143,12 @@ def check_masked_decode_args(logits, tokens, masked, u, step, steps, guidance, s
     if bool(bad.any()):
         r, n, _ = (int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(f"logits hold NaN or +inf (first at row {r}, position {n}): no token can be sampled")
+    if guidance != 0 and bool((logits == -math.inf).any()):
+        # (1 + w) * -inf - w * -inf is NaN: every backend would then sample token 0
+        r, n, _ = (int(i) for i in torch.nonzero(logits == -math.inf)[0])
+        raise ValueError(f"logits hold -inf (first at row {r}, position {n}) with guidance {guidance}: the guided "
+                         f"logit (1 + w) * cond - w * uncond of a token banned in both rows is NaN; ban tokens with a "
+                         f"large finite negative logit instead (e.g. -1e30)")
     if V and N:
         dead = (logits.amax(dim=-1) == -math.inf) & (masked.repeat(2, 1) if guidance != 0 else masked)  # [R, N]
         if bool(dead.any()):
