@@ -59,6 +59,11 @@ py::tuple grouped_moe(const py::object& x, const py::object& group_ids, const py
 py::object moe_experts(const py::object& x, const py::object& top_k_index, const py::object& top_k_weights,
                        const py::object& gate_up_proj, const py::object& down_proj, const std::string& activation);
 
+// attention.cpp
+void attention(const py::object& q, const py::object& k, const py::object& v, const py::object& mask,
+               const py::object& out, double scale);
+void attention_set_simd(bool enabled);
+
 // gemm.cpp (the matmul core of grouped_moe.cpp)
 void set_matmul_path(const std::string& path);
 std::string matmul_path(bool bf16);
@@ -104,6 +109,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gate_up_proj"), py::arg("down_proj"), py::arg("activation"),
         "Experts only, routing given (transformers layout, one group, no shared expert): returns y.");
 
+  // ---- attention.cpp ----
+  m.def("attention", &fastface::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
+        py::arg("scale"),
+        "Scaled dot-product attention forward into out [B, L, nh, hd]. Arrays: see fastface/_cpp.py.");
+
   // ---- gemm.cpp ----
   m.def("set_matmul_path", &fastface::set_matmul_path, py::arg("path"),
         "Force the matmul core: 'auto', 'amx', 'avx512', 'avx2' or 'scalar' (tests and benchmarks).");
@@ -128,5 +138,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_simd_kernels", [](bool enabled) {
     fastface::masked_decode_set_simd(enabled);
     fastface::d3diff_set_simd(enabled);
-  }, py::arg("enabled"), "False: masked_decode_step and d3diff_* run their portable scalar paths (tests).");
+    fastface::attention_set_simd(enabled);
+  }, py::arg("enabled"), "False: masked_decode_step, d3diff_* and attention run their portable scalar paths (tests).");
 }

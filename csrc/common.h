@@ -90,9 +90,9 @@ struct Arg {
   template <class T> T* mutable_data() const { return static_cast<T*>(info.ptr); }
 };
 
-// Check ndim, dtype (one of `allowed`) and C-contiguity of `obj`; returns the buffer view.
-inline Arg require(const py::object& obj, const char* name, int ndim, std::initializer_list<DType> allowed,
-                   bool writable = false) {
+// Check ndim and dtype (one of `allowed`) of `obj`, any strides; returns the buffer view.
+inline Arg require_any_strides(const py::object& obj, const char* name, int ndim,
+                               std::initializer_list<DType> allowed, bool writable = false) {
   if (!py::isinstance<py::buffer>(obj)) {
     type_error(std::string(name) + " must be a numpy array (a tensor's .numpy()), got " +
                std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
@@ -111,8 +111,31 @@ inline Arg require(const py::object& obj, const char* name, int ndim, std::initi
     value_error(std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
                 shape_str(info.shape));
   }
-  if (!is_c_contiguous(info)) value_error(std::string(name) + " must be C-contiguous");
   return Arg{std::move(info), dt, name};
+}
+
+// Check ndim, dtype (one of `allowed`) and C-contiguity of `obj`; returns the buffer view.
+inline Arg require(const py::object& obj, const char* name, int ndim, std::initializer_list<DType> allowed,
+                   bool writable = false) {
+  Arg a = require_any_strides(obj, name, ndim, allowed, writable);
+  if (!is_c_contiguous(a.info)) value_error(std::string(name) + " must be C-contiguous");
+  return a;
+}
+
+// Check ndim and dtype of `obj` and that its last dim is contiguous (rows of elements, any row strides).
+inline Arg require_rows(const py::object& obj, const char* name, int ndim, std::initializer_list<DType> allowed) {
+  Arg a = require_any_strides(obj, name, ndim, allowed);
+  const py::ssize_t last = a.info.shape[ndim - 1];
+  if (last > 1 && a.info.strides[ndim - 1] != a.info.itemsize) {
+    value_error(std::string(name) + " must be contiguous in its last dim, got a stride of " +
+                std::to_string(a.info.strides[ndim - 1]) + " bytes");
+  }
+  for (int d = 0; d < ndim; ++d) {
+    if (a.info.strides[d] < 0 || a.info.strides[d] % a.info.itemsize != 0) {
+      value_error(std::string(name) + " must have non-negative strides in whole elements");
+    }
+  }
+  return a;
 }
 
 // Check that `a` has exactly `shape` (-1 = any size in that dim).

@@ -43,6 +43,7 @@
 #endif
 
 #include "common.h"
+#include "simd.h"
 
 namespace fastface {
 
@@ -101,26 +102,6 @@ void grad_scalar(const void* row, int64_t V, float lse, float cp, void* out) {
 // ---- AVX-512 row kernels -------------------------------------------------------------------------------
 
 #if defined(FASTFACE_X86)
-#define FF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
-FF_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // exp(-inf) = 0; NaN stays NaN (second operand)
-  x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 template <bool BF16>
 FF_AVX512 inline __m512 ld16(const void* p, int64_t k, __mmask16 mask) {
   if constexpr (BF16) {

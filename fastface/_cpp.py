@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 
 from fastface import _C  # noqa: F401 - ImportError here means "cpp backend unavailable"
 
-__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "set_decode_math", "to_numpy",
-           "from_numpy"]
+__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "attention", "set_decode_math",
+           "to_numpy", "from_numpy"]
 
 
 def to_numpy(t: torch.Tensor, name: str = "tensor"):
@@ -240,3 +240,24 @@ def d3diff_loss(logits, targets, mask_ratio, *, alpha, reduction="mean", r_max=N
 
 
 set_decode_math(os.environ.get("FASTFACE_DECODE_MATH", "auto"))
+
+
+ATTENTION_MIN_QUERIES = 8  # fewer queries per head: packing the keys costs more than the products (torch's kernel)
+
+
+def attention(q, k, v, mask=None):
+    """Scaled dot-product attention on the CPU (csrc/attention.cpp); contract: ``fastface.ops.attention``.
+
+    q [B, nh, L, hd], k, v [B, nh, Lk, hd] float32 or bfloat16, any strides with contiguous rows; mask None, bool
+    or additive (float32 or q's dtype) [B or 1, nh or 1, L, Lk]. Returns [B, nh, L, hd] in q's dtype, a view of a
+    [B, L, nh, hd] tensor (so ``y.transpose(1, 2).reshape(B, L, nh * hd)`` copies nothing). Fewer than
+    ``ATTENTION_MIN_QUERIES`` queries go to torch's kernel.
+    """
+    B, nh, L, hd = q.shape
+    if L < ATTENTION_MIN_QUERIES:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(B, L, nh, hd, dtype=q.dtype)
+    _C.attention(to_numpy(q, "q"), to_numpy(k, "k"), to_numpy(v, "v"),
+                 None if mask is None else to_numpy(_contig(mask), "mask"), to_numpy(out, "out"), float(hd) ** -0.5)
+    return out.transpose(1, 2)

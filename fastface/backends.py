@@ -34,6 +34,10 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "cpp": "fastface._cpp:masked_decode_step",
         "triton": "fastface.kernels.masked_decode:masked_decode_step",
     },
+    "attention": {
+        "reference": "fastface.ops.attention:attention_reference",
+        "cpp": "fastface._cpp:attention",
+    },
     "d3diff_loss": {
         "reference": "fastface.ops.d3diff:d3diff_loss_reference",
         "cpp": "fastface._cpp:d3diff_loss",
@@ -49,6 +53,7 @@ OPTIONS: dict[tuple[str, str], tuple[str, ...]] = {
 # backends that compute no gradient (forward-only kernels): training takes another path
 FORWARD_ONLY: dict[str, tuple[str, ...]] = {
     "grouped_moe": ("cpp", "torch"),
+    "attention": ("cpp",),
 }
 
 
@@ -115,6 +120,9 @@ def _auto_order(op: str, device_type: str, dtype) -> tuple[str, ...]:
             # thread, one run). Not token-exact with the reference (another arithmetic order): bf16 only.
             return ("torch", "cpp", "reference")
         return ("cpp", "reference")  # float32: the C++ kernel, token-exact with the reference
+    if op == "attention":
+        # the C++ kernel where the CPU has AVX-512 (elsewhere its portable loop is slower than torch's SDPA)
+        return ("cpp", "reference") if not cuda and cpu_has_avx512() else ("reference",)
     if op == "masked_decode_step":
         # the fused kernel; without one, the compact PyTorch step (sampler work only at still-masked positions)
         return ("triton", "torch", "reference") if cuda else ("cpp", "torch", "reference")
@@ -158,6 +166,17 @@ def implementation(op: str, backend: str, device_type: str = "cpu", **kwargs):
     """(resolved backend name, callable) for ``op``; keyword arguments as ``resolve``."""
     name = resolve(op, backend, device_type, **kwargs)
     return name, _load(IMPLEMENTATIONS[op][name])
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (F, BW, VL, DQ), as the C++ kernels see it (False without them built)."""
+    try:
+        from fastface import _C
+
+        return bool(_C.cpu_features().get("avx512"))
+    except ImportError:
+        return False
 
 
 @functools.cache

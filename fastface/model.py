@@ -202,8 +202,8 @@ class BlockContext:
     groups [B * L] each token's expert group; task [B]; cond_mask [B, L] the sequence-MoE routing input;
     kv: a ``KVCache`` or ``StaticKVCache`` (or None); routes: per layer fixed routing (weights, experts) to reuse
     instead of deciding it; seq: per layer fixed ``SeqMixture`` (routing and embeddings folded in; overrides
-    routes); router_logits: return the token routers' logits (training); backend: the grouped-MoE backend for
-    this forward (None: each ``TokenMoE``'s own).
+    routes); router_logits: return the token routers' logits (training); backend: the grouped-MoE and attention
+    backend for this forward (None: each module's own).
     """
 
     mask: torch.Tensor
@@ -227,10 +227,12 @@ class Attention(nn.Module):
         self.config = config
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)  # q, k, v rows
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.backend = "auto"  # passed to ops.attention; fastface.backends decides what runs
 
-    def forward(self, x, mask, cos, sin, kv: KVCache | StaticKVCache | None = None, layer: int = 0):
+    def forward(self, x, mask, cos, sin, kv: KVCache | StaticKVCache | None = None, layer: int = 0,
+                backend: str | None = None):
         """x [B, L, H], mask [B, 1, L, Lk], cos/sin [B, 1, L, rd] -> [B, L, H]; with ``kv`` the new keys/values join
-        the cached ones."""
+        the cached ones. ``backend``: of ``ops.attention`` for this call (None: the module's own)."""
         B, L, H = x.shape
         nh, hd, rd = self.config.num_heads, self.config.head_dim, self.config.rotary_dim
         if cos.shape[-1] != rd:
@@ -244,7 +246,7 @@ class Attention(nn.Module):
             k = torch.cat([apply_rotary(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
         if kv is not None:
             k, v = kv.update(layer, k, v)  # [B, nh, Lk, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, L, hd]
+        y = ops.attention(q, k, v, mask, backend=backend or self.backend)  # [B, nh, L, hd]
         return self.out(y.transpose(1, 2).reshape(B, L, H))
 
 
@@ -416,11 +418,11 @@ class Block(nn.Module):
         """x [B, L, H] -> (x [B, L, H], router logits or None, route of the sequence-level MoE or None)."""
         if self.parallel:
             h = self.ln_attn(x)
-            a = self.attn(h, ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
+            a = self.attn(h, ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer, ctx.backend)
             y, router_logits = self._feed_forward(h, ctx)
             x = x + (a + y)  # Phi's order: (attn + mlp) + residual
         else:
-            x = x + self.attn(self.ln_attn(x), ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer)
+            x = x + self.attn(self.ln_attn(x), ctx.mask, ctx.cos, ctx.sin, ctx.kv, layer, ctx.backend)
             ln = self.ln_moe if self.moe is not None else self.ln_mlp
             y, router_logits = self._feed_forward(ln(x), ctx)
             x = x + y
@@ -467,7 +469,9 @@ class FaceTransformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
     def set_backend(self, backend: str):
+        """The backend of every op the model calls (grouped MoE, attention)."""
         for layer in self.layers:
+            layer.attn.backend = backend
             if layer.moe is not None:
                 layer.moe.backend = backend
 
