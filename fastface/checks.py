@@ -203,14 +203,17 @@ def check_bounded(name: str, value, lo: float, hi: float) -> float:
 
 def check_decoding(*, steps, guidance, sample_temperature, confidence_temperature, schedule, threshold=None,
                    confidence_compounding=False, schedules=("cosine", "linear"), guidance_steps=None,
-                   kv_refresh=None) -> None:
+                   uncond_refresh=None, kv_refresh=None) -> None:
     """The options of a masked-decoding run, checked once before any work (the reference loop and the engine).
 
-    ``guidance_steps`` (guidance on the first that many steps only) and ``kv_refresh`` (the engine recomputes every
-    position every that many steps, only the changing ones in between) are opt-in, faster than exact."""
+    ``guidance_steps`` (guidance on the first that many steps only), ``uncond_refresh`` (the unconditional rows run
+    every that many guided steps) and ``kv_refresh`` (the engine recomputes every position every that many steps,
+    only the changing ones in between) are opt-in, faster than exact."""
     check_int("steps", steps, 1, MAX_STEPS)
     if guidance_steps is not None:
         check_int("guidance_steps", guidance_steps, 0, MAX_STEPS)
+    if uncond_refresh is not None:
+        check_int("uncond_refresh", uncond_refresh, 1, MAX_STEPS)
     if kv_refresh is not None:
         check_int("kv_refresh", kv_refresh, 1, MAX_STEPS)
     check_bounded("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-steps", type=arg_nonnegative_int, default=None, metavar="K",
                    help="faster than exact: guidance on the first K steps only, later steps skip the unconditional "
                    "pass (default: every step)")
+    g.add_argument("--uncond-refresh", type=arg_positive_int, default=None, metavar="R",
+                   help="faster than exact: run the unconditional pass every R guided steps, the steps between guided "
+                   "by its last logits (default: every step)")
     g.add_argument("--kv-refresh", type=arg_positive_int, default=None, metavar="R",
                    help="faster than exact: run the whole image every R steps and only its still-masked positions "
                    "in between, reusing the other positions' keys/values (default: every step, exact)")
@@ -270,7 +273,8 @@ def cmd_generate(args):
     with _progress(args.steps, f"generating {len(prompts)} image(s)", args.quiet) as bar:
         tokens = pipe.generate_tokens(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                       schedule=args.schedule, threshold=args.threshold,
-                                      guidance_steps=args.guidance_steps, kv_refresh=args.kv_refresh,
+                                      guidance_steps=args.guidance_steps, uncond_refresh=args.uncond_refresh,
+                                      kv_refresh=args.kv_refresh,
                                       callback=lambda step, t, m: bar.update(1))
     if tokens_path is not None:
         _save_ids(tokens_path, tokens.numpy().astype("int64"))

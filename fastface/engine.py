@@ -132,16 +132,17 @@ class _Segment:
     logit_bias: torch.Tensor | None = None  # added to the head's logits (text: banned specials)
 
 
-def _active_positions(previous: torch.Tensor, start: int, guided: bool) -> torch.Tensor:
-    """Segment positions [rows, A] a ``kv_refresh`` step runs: those masked at the previous step (``previous``
-    [B, n], decoded positions ``start``..), in order; a row with fewer than A repeats its first one (a duplicate
+def _active_positions(previous: torch.Tensor, start: int, uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """Segment positions [rows, A] a ``kv_refresh`` step runs: per row, those masked at the start of the last step
+    that ran it (``previous`` [B, n] for the cond rows, ``uncond`` [B, n] for the uncond rows when they run;
+    decoded positions start at ``start``), in order. A row with fewer than A repeats its first one (a duplicate
     computes the same keys/values again, so a row's tokens do not depend on the rest of the batch)."""
+    previous = previous if uncond is None else torch.cat([previous, uncond])
     counts = previous.sum(1)
     A = max(int(counts.max()), 1)
     order = torch.argsort(previous.to(torch.int8), dim=1, descending=True, stable=True)[:, :A]
     pad = torch.arange(A, device=previous.device)[None, :] >= counts[:, None]
-    active = torch.where(pad, order[:, :1], order) + start
-    return torch.cat([active, active]) if guided else active
+    return torch.where(pad, order[:, :1], order) + start
 
 
 class _RowsKV:
@@ -317,38 +318,43 @@ class Engine:
 
     def _decode_segment(self, buf, cos, sin, mixtures, P, seg: _Segment, tokens, masked, *, B, guided, seeds,
                         steps, region=None, options, confidence_temperature, compounding=False, callback=None,
-                        timers=OFF, stats=None, graph=None, guidance_steps=None, kv_refresh=None):
+                        timers=OFF, stats=None, graph=None, guidance_steps=None, uncond_refresh=None,
+                        kv_refresh=None):
         """The step loop of one segment: write the current ids, run the segment, the head at still-masked
         positions, the decode step. Returns (tokens, masked).
 
-        Opt-in, faster than exact (``fast_decoding_options``): ``guidance_steps`` -- guidance only on the first
-        that many steps, later steps run the cond rows alone; ``kv_refresh`` -- every ``kv_refresh`` steps the
-        whole segment runs, in between only the positions that were masked at the previous step (still masked,
-        or decoded by it), the other positions' keys/values coming from the last step that ran them.
+        Opt-in, faster than exact (``sampling.generate_image_tokens`` says what each means): ``guidance_steps``
+        (guided steps, the first that many), ``uncond_refresh`` (the uncond rows run every that many guided steps,
+        their last logits guiding the others), ``kv_refresh`` (the whole segment runs every that many steps; in
+        between each row runs only the positions masked at the start of the last step that ran it, every other
+        position's keys/values as that step left them).
         """
         model, device, c = self.model, self.device, self.config
         R, n = buf.ids.shape[0], tokens.shape[1]
         width = seg.columns.stop - seg.columns.start
         logits_full = torch.zeros(R, n, width, dtype=torch.float32, device=device)  # written at masked rows only
-        hidden = None  # [R, S, H] the last hidden state of every segment position (kv_refresh)
-        previous = masked  # positions masked at the start of the previous step
+        hidden = None  # [R, S, H]: the last hidden state of every segment position (kv_refresh)
+        previous = previous_uncond = masked  # masked at the start of the last step that ran the cond / uncond rows
         with timers.hooks(model):
             for step in range(steps):
                 if not bool(masked.any()):
                     break  # threshold decoding finished early
                 guided_now = guided and (guidance_steps is None or step < guidance_steps)
-                rows_run = 2 * B if guided_now else B
+                uncond_now = guided_now and (uncond_refresh is None or step % uncond_refresh == 0)
+                rows_run = 2 * B if uncond_now else B
                 active = None
                 if kv_refresh is not None and step % kv_refresh != 0 and hidden is not None:
-                    active = _active_positions(previous, seg.positions.start, guided_now)
+                    active = _active_positions(previous, seg.positions.start, previous_uncond if uncond_now else None)
                 if stats is not None:
                     stats.steps_run += 1
                     stats.masked_per_step.append(int(masked.sum()))
                     stats.positions_run += rows_run * (buf.ids.shape[1] if active is None else active.shape[1])
                 previous = masked
+                if uncond_now:
+                    previous_uncond = masked
                 ids = torch.where(masked, torch.full_like(tokens, c.mask_token_id), tokens + seg.offset)
                 buf.ids[:B, seg.positions] = ids
-                if guided_now:
+                if uncond_now:
                     buf.ids[B:, seg.positions] = ids
                 if graph is not None:
                     graph["cos"].copy_(cos)  # static inputs of the captured graph
@@ -362,20 +368,23 @@ class Engine:
                 else:
                     x = self._segment_forward(buf, cos, sin, mixtures, P, rows=rows_run if rows_run < R else None)
                     if kv_refresh is not None:
-                        hidden = x
+                        if hidden is None:
+                            hidden = x.new_empty(R, *x.shape[1:])
+                        hidden[:rows_run] = x
                 with timers.section("lm_head", device):
                     # still-masked positions only: cond rows, then the same positions of the uncond rows
-                    rows = masked.repeat(2, 1) if guided_now else masked  # [rows_run, n]
+                    rows = masked.repeat(2, 1) if uncond_now else masked  # [rows_run, n]
                     logits = model.head(x[:, seg.positions][rows], seg.columns).float()
                     logits_full[:rows_run][rows] = logits if seg.logit_bias is None else logits + seg.logit_bias
                 with timers.section("noise", device):
                     u = step_noise(seeds, step, n, device, stream=seg.stream)
                 with timers.section("sampler", device):
+                    # guided steps read the uncond rows' logits from the last step that ran them
                     step_options = options if guided_now else {**options, "guidance": 0.0}
                     tokens, masked = decode_step(
-                        logits_full[:rows_run], tokens, masked, u, region=region, step=step, steps=steps,
-                        confidence_temperature=step_confidence_temperature(confidence_temperature, step, steps,
-                                                                           compounding=compounding),
+                        logits_full if guided_now else logits_full[:B], tokens, masked, u, region=region, step=step,
+                        steps=steps, confidence_temperature=step_confidence_temperature(
+                            confidence_temperature, step, steps, compounding=compounding),
                         backend=self.backend, **step_options)
                 if callback is not None:
                     callback(step, tokens, masked)
@@ -429,6 +438,7 @@ class Engine:
         tokens: torch.Tensor | None = None,
         region: torch.Tensor | None = None,
         guidance_steps: int | None = None,
+        uncond_refresh: int | None = None,
         kv_refresh: int | None = None,
     ) -> torch.Tensor:
         """Codebook ids [B, N] int64 of one image per prompt; same contract as the reference sampler.
@@ -444,7 +454,7 @@ class Engine:
         callback : called as callback(step, tokens [B, N], masked [B, N]) after each step
         timers : ``Timers`` to accumulate the time per section into
         tokens, region : an edit (``fastface.sampling.generate_image_tokens``): only ``region`` [B, N] is re-decoded
-        guidance_steps : opt-in, faster than exact: guidance on the first that many steps only (as the reference)
+        guidance_steps, uncond_refresh : opt-in, faster than exact, as the reference sampler
         kv_refresh : opt-in, faster than exact, engine only: every ``kv_refresh`` steps the whole image segment runs;
             in between only the positions masked at the previous step, the others' keys/values reused
             (dKV-cache style); 1 is exact
@@ -453,7 +463,7 @@ class Engine:
         check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
                        confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
                        confidence_compounding=confidence_compounding, guidance_steps=guidance_steps,
-                       kv_refresh=kv_refresh)
+                       uncond_refresh=uncond_refresh, kv_refresh=kv_refresh)
         c, device = self.config, self.device
         prompt_ids = prompt_ids.to(device)
         B, P = prompt_ids.shape
@@ -470,7 +480,7 @@ class Engine:
 
         # ---- the decoding loop
         stats = GenerationStats(steps=steps)
-        approximate = guidance_steps is not None or kv_refresh is not None  # run shapes change from step to step
+        approximate = (guidance_steps, uncond_refresh, kv_refresh) != (None, None, None)  # shapes change per step
         graph = (self._graph_for(buf, cos, sin, mixtures, P)
                  if device.type == "cuda" and self.cuda_graphs and not approximate else None)
         stats.cuda_graph = graph is not None
@@ -482,7 +492,7 @@ class Engine:
                                          confidence_temperature=confidence_temperature,
                                          compounding=confidence_compounding, callback=callback, timers=timers,
                                          stats=stats, graph=graph, guidance_steps=guidance_steps,
-                                         kv_refresh=kv_refresh)
+                                         uncond_refresh=uncond_refresh, kv_refresh=kv_refresh)
         self.last_stats = stats
         return tokens
 

@@ -189,15 +189,15 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
                         guidance: float = DEFAULT_GUIDANCE, seed: int = 0, per_prompt: int = 6,
                         names=PROMPT_NAMES, batch_size: int = 16, save_dir=None,
                         threshold: float | None = None, guidance_steps: int | None = None,
-                        kv_refresh: int | None = None) -> dict:
+                        uncond_refresh: int | None = None, kv_refresh: int | None = None) -> dict:
     """(b) Draw one face per prompt (``attribute_prompts``) and score the prompted attributes.
 
     ``images`` are the real renders of ``attrs_list`` (uint8 [n, S, S, 3]); prompt i uses seed ``seed + i``.
     With ``save_dir`` the generated faces are written there as PNGs beside ``prompts.txt``. ``threshold``
     turns on confidence-threshold decoding (``Pipeline.generate_tokens``); the steps each batch actually ran
-    are reported as ``mean_steps_run``. ``guidance_steps`` and ``kv_refresh``: the other faster-than-exact options
-    of ``Pipeline.generate_tokens``; ``work`` is the share of exact decoding's transformer positions the run
-    computed (engine only) and ``image_tokens_per_s`` its decoding speed.
+    are reported as ``mean_steps_run``. ``guidance_steps``, ``uncond_refresh``, ``kv_refresh``: the other
+    faster-than-exact options of ``Pipeline.generate_tokens``; ``work`` is the share of exact decoding's
+    transformer positions the run computed (engine only) and ``image_tokens_per_s`` its decoding speed.
     """
     max_words = pipe.config.max_text_len - 3
     prompts, labels = attribute_prompts(attrs_list, per_prompt=per_prompt, names=names, seed=seed,
@@ -207,7 +207,8 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
         ran = []  # one entry per forward pass actually run (fewer than steps with threshold decoding)
         t = time.perf_counter()
         tokens = pipe.generate_tokens(prompts[i : i + batch_size], steps=steps, guidance=guidance, seed=seed + i,
-                                      threshold=threshold, guidance_steps=guidance_steps, kv_refresh=kv_refresh,
+                                      threshold=threshold, guidance_steps=guidance_steps,
+                                      uncond_refresh=uncond_refresh, kv_refresh=kv_refresh,
                                       callback=lambda *_, ran=ran: ran.append(1))
         decode_seconds += time.perf_counter() - t
         generated += pipe.decode_images(tokens)
@@ -223,7 +224,7 @@ def evaluate_generation(pipe, classifier, images, attrs_list, *, steps: int = DE
     out = score_generation(classifier.predict_labels(arrays), classifier.predict_labels(images), labels,
                            classifier.predict_labels(recon))
     out.update({"steps": steps, "guidance": guidance, "threshold": threshold, "guidance_steps": guidance_steps,
-                "kv_refresh": kv_refresh, "mean_steps_run": float(np.mean(steps_run)),
+                "uncond_refresh": uncond_refresh, "kv_refresh": kv_refresh, "mean_steps_run": float(np.mean(steps_run)),
                 "work": float(np.mean(work)) if work else None,
                 "image_tokens_per_s": round(len(prompts) * pipe.config.image_tokens / decode_seconds, 1),
                 "attributes_per_prompt": per_prompt,
@@ -289,7 +290,7 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
              guidance: float = DEFAULT_GUIDANCE, questions_per_face: int = 4, per_prompt: int = 6,
              parts=("vqa", "generation", "psnr"), batch_size: int = 16, faces: dict | None = None,
              save_dir=None, log=None, threshold: float | None = None, guidance_steps: int | None = None,
-             kv_refresh: int | None = None) -> dict:
+             uncond_refresh: int | None = None, kv_refresh: int | None = None) -> dict:
     """Run the chosen ``parts`` on ``num_faces`` held-out renders (dataset ``seed``) -> a JSON-ready dict.
 
     ``faces`` (a ``make_dataset``-style dict with ``images`` and ``attrs``) replaces the rendered faces.
@@ -330,7 +331,7 @@ def evaluate(pipe, classifier=None, *, num_faces: int = 200, seed: int = DEFAULT
                                                        guidance=guidance, seed=seed, per_prompt=per_prompt,
                                                        batch_size=batch_size, save_dir=save_dir,
                                                        threshold=threshold, guidance_steps=guidance_steps,
-                                                       kv_refresh=kv_refresh)
+                                                       uncond_refresh=uncond_refresh, kv_refresh=kv_refresh)
             result["generation"]["seconds"] = round(time.perf_counter() - t, 1)
             if hasattr(classifier, "sources"):
                 result["generation"]["judge"] = dict(classifier.sources)
@@ -392,7 +393,8 @@ def markdown_report(result: dict) -> str:
         lines[0] += f"; generation at {gen['steps']} steps, guidance {gen['guidance']}"
         if gen.get("threshold") is not None:
             lines[0] += f", confidence threshold {gen['threshold']} ({gen['mean_steps_run']:.1f} steps run on average)"
-        for key, what in (("guidance_steps", "guidance on the first {} steps"), ("kv_refresh", "kv refresh every {}")):
+        for key, what in (("guidance_steps", "guidance on the first {} steps"), ("kv_refresh", "kv refresh every {}"),
+                          ("uncond_refresh", "unconditional pass every {} steps")):
             if gen.get(key) is not None:
                 lines[0] += ", " + what.format(gen[key])
         if gen.get("work") is not None and gen["work"] < 1:
@@ -455,6 +457,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="confidence-threshold decoding for generation, in (0, 1] (default: off)")
     parser.add_argument("--guidance-steps", type=arg_nonnegative_int, default=None,
                         help="faster than exact: guidance on the first N decoding steps only (default: every step)")
+    parser.add_argument("--uncond-refresh", type=arg_positive_int, default=None,
+                        help="faster than exact: run the unconditional pass every R guided steps, the steps between "
+                             "guided by its last logits (default: every step)")
     parser.add_argument("--kv-refresh", type=arg_positive_int, default=None,
                         help="faster than exact: recompute every image position every R steps, only the masked "
                              "ones in between (default: every step)")
@@ -494,7 +499,8 @@ def run(args) -> int:
                       guidance=args.guidance, questions_per_face=args.questions_per_face,
                       per_prompt=args.attributes_per_prompt, parts=args.parts, batch_size=args.batch_size,
                       save_dir=args.save_images, log=lambda msg: print(msg, file=sys.stderr),
-                      threshold=args.threshold, guidance_steps=args.guidance_steps, kv_refresh=args.kv_refresh)
+                      threshold=args.threshold, guidance_steps=args.guidance_steps,
+                      uncond_refresh=args.uncond_refresh, kv_refresh=args.kv_refresh)
     result["model"] = str(args.model) if args.model else "embedded face-s"
     result["backend"], result["dtype"] = args.backend, args.dtype
     text = markdown_report(result)

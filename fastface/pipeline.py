@@ -82,7 +82,8 @@ class Pipeline:
     def generate_tokens(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, *,
                         sample_temperature: float = 1.0, confidence_temperature: float = 4.5,
                         schedule: str = "cosine", threshold: float | None = None, confidence_compounding: bool = False,
-                        guidance_steps: int | None = None, kv_refresh: int | None = None,
+                        guidance_steps: int | None = None, uncond_refresh: int | None = None,
+                        kv_refresh: int | None = None,
                         callback=None) -> torch.Tensor:
         """Codebook ids [B, N] (int64) of one image per prompt.
 
@@ -96,7 +97,9 @@ class Pipeline:
         runs after each step.
 
         Faster than exact, opt-in (measured speed and quality: README, "Faster than exact"): ``guidance_steps=k``
-        guides the first k steps only (later steps skip the unconditional rows); ``kv_refresh=r`` (the engine only)
+        guides the first k steps only (later steps skip the unconditional rows); ``uncond_refresh=r`` runs the
+        unconditional rows every r-th guided step, the steps between guided by their last logits; ``kv_refresh=r``
+        (the engine only)
         runs the whole image every r steps and, in between, only the positions that were still masked, reusing the
         other positions' keys/values.
         """
@@ -107,7 +110,8 @@ class Pipeline:
                                          sample_temperature=sample_temperature,
                                          confidence_temperature=confidence_temperature, schedule=schedule,
                                          threshold=threshold, confidence_compounding=confidence_compounding,
-                                         guidance_steps=guidance_steps, kv_refresh=kv_refresh, callback=callback)
+                                         guidance_steps=guidance_steps, uncond_refresh=uncond_refresh,
+                                         kv_refresh=kv_refresh, callback=callback)
 
     def generate(self, prompts, steps: int = 16, guidance: float = 2.0, seed: int | list[int] = 0, **kwargs):
         """One PIL image per prompt (decoded by the image tokenizer)."""

@@ -130,6 +130,7 @@ def generate_image_tokens(
     tokens: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     guidance_steps: int | None = None,
+    uncond_refresh: int | None = None,
 ) -> torch.Tensor:
     """Reference t2i sampler (Show-o ``t2i_generate``): a full forward over prompt and image every step.
 
@@ -140,12 +141,16 @@ def generate_image_tokens(
     [B, N]. With guidance, the unconditional rows use the empty prompt and run in the same batch; the guided
     logits are Show-o's ``(1 + w) * cond - w * uncond``. ``threshold`` (opt-in) is the op's confidence-threshold
     decoding; the loop then ends once nothing is masked. ``confidence_compounding``: Show-o's compounding
-    confidence temperature (``step_confidence_temperature``), off by default. ``guidance_steps`` (opt-in, faster
-    than exact): guidance on the first that many steps only; later steps run the cond rows alone, unguided.
+    confidence temperature (``step_confidence_temperature``), off by default.
+
+    Opt-in, faster than exact: ``guidance_steps`` -- guidance on the first that many steps only; later steps run
+    the cond rows alone, unguided. ``uncond_refresh`` -- the unconditional rows run on every ``uncond_refresh``-th
+    guided step only (steps 0, r, 2r, ...); the guided steps in between reuse their last logits.
     """
     check_decoding(steps=steps, guidance=guidance, sample_temperature=sample_temperature,
                    confidence_temperature=confidence_temperature, schedule=schedule, threshold=threshold,
-                   confidence_compounding=confidence_compounding, guidance_steps=guidance_steps)
+                   confidence_compounding=confidence_compounding, guidance_steps=guidance_steps,
+                   uncond_refresh=uncond_refresh)
     cfg = model.config
     B, N, device = prompt_ids.shape[0], cfg.image_tokens, prompt_ids.device
     offset, K, P = cfg.image_token_offset, cfg.codebook_size, prompt_ids.shape[1]
@@ -164,12 +169,17 @@ def generate_image_tokens(
             break  # threshold decoding finished early
         image_ids = torch.where(masked, torch.full_like(tokens, cfg.mask_token_id), tokens + offset)
         w = guidance if guidance_steps is None or step < guidance_steps else 0.0
-        rows = 2 * B if w != 0 else B
-        if w != 0:
+        run_uncond = w != 0 and (uncond_refresh is None or step % uncond_refresh == 0)
+        rows = 2 * B if run_uncond else B
+        if run_uncond:
             image_ids = torch.cat([image_ids, image_ids])
         out = model(t2i_sequence(prompt_ids[:rows], image_ids, model.config), task[:rows],
                     e_sem=None if e_sem is None else e_sem[:rows], e_id=None if e_id is None else e_id[:rows])
         logits = out.logits[:, image_cols, offset : offset + K]  # [R, N, K] codebook columns only
+        if run_uncond:
+            uncond_logits = logits[B:]
+        elif w != 0:
+            logits = torch.cat([logits, uncond_logits])  # the uncond rows' logits of their last step
         u = step_noise(seeds, step, N, device)
         tokens, masked = decode_step(
             logits, tokens, masked, u, region=region, step=step, steps=steps, guidance=w,

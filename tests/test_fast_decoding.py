@@ -40,8 +40,9 @@ def prompts(n):
 
 
 class FrozenPositions:
-    """Forward pre-hooks on every block: positions in ``frozen`` [R, L] get the block input they had when they last
-    ran (stored per layer), so their keys/values are the ones computed then."""
+    """Forward pre-hooks on every block: positions in ``frozen`` [2B, L] get the block input they had when their row
+    last ran them (stored per layer), so their keys/values are the ones computed then. A forward of the cond rows
+    alone (B rows) reads and writes the first B rows."""
 
     def __init__(self, model):
         self.frozen, self.stored = None, {}
@@ -50,9 +51,12 @@ class FrozenPositions:
     def _hook(self, i):
         def hook(module, args):
             x = args[0]
+            R = x.shape[0]
             if self.frozen is not None:
-                x = torch.where(self.frozen[..., None], self.stored[i], x)
-            self.stored[i] = x.clone()
+                x = torch.where(self.frozen[:R, :, None], self.stored[i][:R], x)
+            if i not in self.stored:
+                self.stored[i] = x.new_zeros(self.rows, *x.shape[1:])
+            self.stored[i][:R] = x
             return (x, *args[1:])
         return hook
 
@@ -61,29 +65,39 @@ class FrozenPositions:
             h.remove()
 
 
-def reference_with_reuse(model, ids, *, steps, guidance, seeds, kv_refresh, guidance_steps=None, **kw):
+def reference_with_reuse(model, ids, *, steps, guidance, seeds, kv_refresh, guidance_steps=None, uncond_refresh=None,
+                         **kw):
     """The reference loop, with the positions that a ``kv_refresh`` step does not run frozen at every block."""
     B, P, N = ids.shape[0], ids.shape[1], CFG.image_tokens
     hooks = FrozenPositions(model)
-    start_masked = torch.ones(B, N, dtype=torch.bool)  # masked at the start of the step just run
+    hooks.rows = 2 * B
+
+    def uncond_runs(step):
+        return guidance != 0 and (guidance_steps is None or step < guidance_steps) and (
+            uncond_refresh is None or step % uncond_refresh == 0)
+
+    start = torch.ones(B, N, dtype=torch.bool)  # masked at the start of the step just run
+    start_uncond = start  # masked at the start of the last step that ran the uncond rows
 
     def callback(step, tokens, masked):
-        nonlocal start_masked
+        nonlocal start, start_uncond
+        if uncond_runs(step):
+            start_uncond = start
         nxt = step + 1
         if nxt % kv_refresh == 0:
             hooks.frozen = None
         else:
-            guided = guidance != 0 and (guidance_steps is None or nxt < guidance_steps)
-            frozen = torch.zeros(B, P + N + 2, dtype=torch.bool)
+            frozen = torch.zeros(2 * B, P + N + 2, dtype=torch.bool)
             frozen[:, P] = frozen[:, P + N + 1] = True  # <soi>, <eoi>: run at refreshes only
-            frozen[:, P + 1 : P + 1 + N] = ~start_masked  # decoded before the previous step began
-            hooks.frozen = torch.cat([frozen, frozen]) if guided else frozen
-            hooks.stored = {i: s[: hooks.frozen.shape[0]] for i, s in hooks.stored.items()}
-        start_masked = masked.clone()
+            frozen[:B, P + 1 : P + 1 + N] = ~start  # decoded before the last step that ran the row began
+            frozen[B:, P + 1 : P + 1 + N] = ~start_uncond
+            hooks.frozen = frozen
+        start = masked.clone()
 
     try:
         return generate_image_tokens(model, ids, steps=steps, guidance=guidance, seeds=seeds, callback=callback,
-                                     guidance_steps=guidance_steps, backend="reference", **kw)
+                                     guidance_steps=guidance_steps, uncond_refresh=uncond_refresh,
+                                     backend="reference", **kw)
     finally:
         hooks.remove()
 
@@ -99,11 +113,12 @@ def test_exact_settings_give_exact_tokens(model, guidance, B, steps):
         assert torch.equal(engine.generate_image_tokens(ids, **kw, **fast), want), fast
 
 
-@pytest.mark.parametrize("guidance_steps", [0, 1, 3])
+@pytest.mark.parametrize("guidance_steps,uncond_refresh", [(0, None), (1, None), (3, None), (None, 2), (None, 3),
+                                                           (4, 3)])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_guidance_steps_equal_reference_loop(model, guidance_steps, backend):
+def test_guidance_options_equal_reference_loop(model, guidance_steps, uncond_refresh, backend):
     ids, seeds = prompts(4), [11, 12, 13, 14]
-    kw = dict(steps=6, guidance=3.0, seeds=seeds, guidance_steps=guidance_steps)
+    kw = dict(steps=6, guidance=3.0, seeds=seeds, guidance_steps=guidance_steps, uncond_refresh=uncond_refresh)
     want = generate_image_tokens(model, ids, backend="reference", **kw)
     got = Engine(model, backend=backend).generate_image_tokens(ids, **kw)
     assert torch.equal(got, want)
@@ -114,11 +129,13 @@ def test_guidance_steps_equal_reference_loop(model, guidance_steps, backend):
     assert not torch.equal(got, exact)  # the option changes what is drawn: the check above can fail
 
 
-@pytest.mark.parametrize("guidance,guidance_steps", [(0.0, None), (2.0, None), (2.0, 2)])
+@pytest.mark.parametrize("guidance,guidance_steps,uncond_refresh", [(0.0, None, None), (2.0, None, None),
+                                                                    (2.0, 2, None), (2.0, None, 2), (2.0, 5, 3)])
 @pytest.mark.parametrize("kv_refresh", [2, 3, 100])
-def test_kv_refresh_equals_reference_with_frozen_positions(model, guidance, guidance_steps, kv_refresh):
+def test_kv_refresh_equals_reference_with_frozen_positions(model, guidance, guidance_steps, uncond_refresh,
+                                                           kv_refresh):
     ids, seeds = prompts(5), [21, 22, 23, 24, 25]
-    kw = dict(steps=7, guidance=guidance, seeds=seeds, guidance_steps=guidance_steps)
+    kw = dict(steps=7, guidance=guidance, seeds=seeds, guidance_steps=guidance_steps, uncond_refresh=uncond_refresh)
     want = reference_with_reuse(model, ids, kv_refresh=kv_refresh, **kw)
     engine = Engine(model)
     got = engine.generate_image_tokens(ids, kv_refresh=kv_refresh, **kw)
@@ -129,18 +146,26 @@ def test_kv_refresh_equals_reference_with_frozen_positions(model, guidance, guid
 
 
 def test_kv_refresh_runs_only_the_changing_positions(model):
-    B, steps, N, S = 3, 6, CFG.image_tokens, CFG.image_tokens + 2
+    B, steps, N, S = 3, 7, CFG.image_tokens, CFG.image_tokens + 2
     engine = Engine(model)
-    ran_at_start = []
     masked_at_start = [torch.ones(B, N, dtype=torch.bool)]
     engine.generate_image_tokens(prompts(B), steps=steps, guidance=2.0, seeds=[1, 2, 3], kv_refresh=3,
-                                 guidance_steps=4, callback=lambda s, t, m: masked_at_start.append(m.clone()))
+                                 guidance_steps=5, uncond_refresh=2,
+                                 callback=lambda s, t, m: masked_at_start.append(m.clone()))
+    want, last_uncond = 0, None
     for step in range(steps):
-        rows = 2 * B if step < 4 else B
-        positions = S if step % 3 == 0 else int(masked_at_start[step - 1].sum(1).max())
-        ran_at_start.append(rows * positions)
-    assert engine.last_stats.positions_run == sum(ran_at_start)
-    assert engine.last_stats.positions_run < steps * 2 * B * S
+        uncond = step < 5 and step % 2 == 0
+        if step % 3 == 0:
+            want += (2 * B if uncond else B) * S
+        else:
+            counts = [int(masked_at_start[step - 1].sum(1).max())]
+            if uncond:
+                counts.append(int(masked_at_start[last_uncond].sum(1).max()))
+            want += (2 * B if uncond else B) * max(counts)
+        if uncond:
+            last_uncond = step
+    assert engine.last_stats.positions_run == want
+    assert want < steps * 2 * B * S
 
 
 @pytest.mark.parametrize("fast", [dict(kv_refresh=3), dict(kv_refresh=2, threshold=0.4), dict(guidance_steps=2)])
@@ -170,11 +195,12 @@ def test_kv_refresh_in_an_edit_keeps_outside_tokens(model):
 
 def test_bad_fast_options(model):
     engine, ids = Engine(model), prompts(1)
-    for bad in (dict(kv_refresh=0), dict(kv_refresh=2.5), dict(guidance_steps=-1), dict(guidance_steps=True)):
+    for bad in (dict(kv_refresh=0), dict(kv_refresh=2.5), dict(guidance_steps=-1), dict(guidance_steps=True),
+                dict(uncond_refresh=0)):
         name = next(iter(bad))
         with pytest.raises((ValueError, TypeError), match=name):
             engine.generate_image_tokens(ids, steps=2, seeds=[0], **bad)
-        if name == "guidance_steps":
+        if name != "kv_refresh":
             with pytest.raises((ValueError, TypeError), match=name):
                 generate_image_tokens(model, ids, steps=2, seeds=[0], **bad)
 
