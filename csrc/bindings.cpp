@@ -64,6 +64,10 @@ void attention(const py::object& q, const py::object& k, const py::object& v, co
                const py::object& out, double scale);
 void attention_set_simd(bool enabled);
 
+// rotary.cpp
+void rotary(const py::object& x, const py::object& cos, const py::object& sin, const py::object& out);
+void rotary_set_simd(bool enabled);
+
 // gemm.cpp (the matmul core of grouped_moe.cpp)
 void set_matmul_path(const std::string& path);
 std::string matmul_path(bool bf16);
@@ -114,6 +118,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"),
         "Scaled dot-product attention forward into out [B, L, nh, hd]. Arrays: see fastface/_cpp.py.");
 
+  // ---- rotary.cpp ----
+  m.def("rotary", &fastface::rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"),
+        "Rotary embedding (rotate-half) of x [N, M, hd] by cos/sin [N, rd] into out [N, M, hd].");
+
   // ---- gemm.cpp ----
   m.def("set_matmul_path", &fastface::set_matmul_path, py::arg("path"),
         "Force the matmul core: 'auto', 'amx', 'avx512', 'avx2' or 'scalar' (tests and benchmarks).");
@@ -139,5 +147,6 @@ PYBIND11_MODULE(_C, m) {
     fastface::masked_decode_set_simd(enabled);
     fastface::d3diff_set_simd(enabled);
     fastface::attention_set_simd(enabled);
-  }, py::arg("enabled"), "False: masked_decode_step, d3diff_* and attention run their portable scalar paths (tests).");
+    fastface::rotary_set_simd(enabled);
+  }, py::arg("enabled"), "False: masked_decode_step, d3diff_*, attention and rotary run their portable paths (tests).");
 }

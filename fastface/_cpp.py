@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 
 from fastface import _C  # noqa: F401 - ImportError here means "cpp backend unavailable"
 
-__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "attention", "set_decode_math",
-           "to_numpy", "from_numpy"]
+__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "attention", "rotary",
+           "set_decode_math", "to_numpy", "from_numpy"]
 
 
 def to_numpy(t: torch.Tensor, name: str = "tensor"):
@@ -261,3 +261,23 @@ def attention(q, k, v, mask=None):
     _C.attention(to_numpy(q, "q"), to_numpy(k, "k"), to_numpy(v, "v"),
                  None if mask is None else to_numpy(_contig(mask), "mask"), to_numpy(out, "out"), float(hd) ** -0.5)
     return out.transpose(1, 2)
+
+
+def rotary(qk, cos, sin):
+    """Rotary embedding of q and k on the CPU (csrc/rotary.cpp), bitwise ``ops.attention.rotary_reference``.
+
+    qk [B, L, 2, nh, hd] float32 or bfloat16 (a view of the qkv projection; rows contiguous), cos/sin [B, 1, L, rd]
+    float32. Returns a new [B, L, 2, nh, hd] tensor in qk's dtype.
+    """
+    B, L, _, nh, hd = qk.shape
+    try:
+        x = qk.view(B * L, 2 * nh, hd)  # no copy for the q, k part of a [B, L, 3, nh, hd] projection
+    except RuntimeError:
+        x = qk.reshape(B * L, 2 * nh, hd)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rd = cos.shape[-1]
+    out = torch.empty(B * L, 2 * nh, hd, dtype=qk.dtype)
+    _C.rotary(to_numpy(x, "qk"), to_numpy(cos.reshape(B * L, rd).contiguous(), "cos"),
+              to_numpy(sin.reshape(B * L, rd).contiguous(), "sin"), to_numpy(out, "out"))
+    return out.view(B, L, 2, nh, hd)

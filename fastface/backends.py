@@ -38,6 +38,10 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "reference": "fastface.ops.attention:attention_reference",
         "cpp": "fastface._cpp:attention",
     },
+    "rotary": {
+        "reference": "fastface.ops.attention:rotary_reference",
+        "cpp": "fastface._cpp:rotary",
+    },
     "d3diff_loss": {
         "reference": "fastface.ops.d3diff:d3diff_loss_reference",
         "cpp": "fastface._cpp:d3diff_loss",
@@ -54,6 +58,7 @@ OPTIONS: dict[tuple[str, str], tuple[str, ...]] = {
 FORWARD_ONLY: dict[str, tuple[str, ...]] = {
     "grouped_moe": ("cpp", "torch"),
     "attention": ("cpp",),
+    "rotary": ("cpp",),
 }
 
 
@@ -123,6 +128,8 @@ def _auto_order(op: str, device_type: str, dtype) -> tuple[str, ...]:
     if op == "attention":
         # the C++ kernel where the CPU has AVX-512 (elsewhere its portable loop is slower than torch's SDPA)
         return ("cpp", "reference") if not cuda and cpu_has_avx512() else ("reference",)
+    if op == "rotary":
+        return ("cpp", "reference") if not cuda else ("reference",)  # bitwise the reference's, one pass
     if op == "masked_decode_step":
         # the fused kernel; without one, the compact PyTorch step (sampler work only at still-masked positions)
         return ("triton", "torch", "reference") if cuda else ("cpp", "torch", "reference")

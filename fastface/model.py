@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastface import ops
+from fastface.ops.attention import apply_rotary  # noqa: F401 - the model's rotary, re-exported
 from fastface.config import (
     EOI_ID,
     GROUP_GENERATION,
@@ -121,13 +122,6 @@ def rotary_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torc
     angles = positions.float()[..., None] * inv_freq  # [B, L, dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, L, dim]
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., d] by tables [..., d] (NeoX rotate-half: dim i pairs with dim i + d/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------- KV caches
@@ -238,12 +232,10 @@ class Attention(nn.Module):
         if cos.shape[-1] != rd:
             raise ValueError(f"rotary tables are {cos.shape[-1]} wide, this model rotates {rd} dims of each head "
                              f"(build them with FaceTransformer.rotary)")
-        q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, L, hd]
-        if rd == hd:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        else:  # partial rotary: the first rd dims rotate, the rest pass through
-            q = torch.cat([apply_rotary(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
-            k = torch.cat([apply_rotary(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
+        qkv = self.qkv(x).view(B, L, 3, nh, hd)
+        # q and k rotate together, in the projection's [B, L, ·, nh, hd] layout (partial rotary: the first rd dims)
+        qk = ops.rotary(qkv[:, :, :2], cos, sin, backend=backend or self.backend)  # [B, L, 2, nh, hd]
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if kv is not None:
             k, v = kv.update(layer, k, v)  # [B, nh, Lk, hd]
         y = ops.attention(q, k, v, mask, backend=backend or self.backend)  # [B, nh, L, hd]

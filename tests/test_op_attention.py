@@ -168,3 +168,66 @@ def test_auto_picks_the_kernel_on_avx512_and_trains_on_torch():
     q2 = q.detach().requires_grad_(True)
     (want_g,) = torch.autograd.grad(attention_reference(q2, k, v, m).sum(), q2)
     assert torch.equal(g, want_g)
+
+
+# ---- rotary -----------------------------------------------------------------------------------------------------
+
+
+def rotary_inputs(B, L, nh, hd, rd, dtype, seed=0):
+    from fastface.model import rotary_tables
+
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, 3, nh, hd, generator=gen).to(dtype)
+    positions = torch.randint(0, 500, (B, L), generator=gen)
+    cos, sin = rotary_tables(positions, rd, 10000.0)
+    return qkv, cos, sin
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,nh,hd,rd", [(2, 5, 3, 32, 32), (1, 7, 2, 8, 8), (3, 4, 2, 64, 32), (1, 3, 1, 40, 34),
+                                          (2, 9, 4, 80, 80), (1, 2, 1, 6, 4)])
+def test_cpp_rotary_is_bitwise_the_reference(simd, dtype, B, L, nh, hd, rd):
+    from fastface.ops.attention import rotary_reference
+
+    qkv, cos, sin = rotary_inputs(B, L, nh, hd, rd, dtype, seed=hd + rd)
+    qk = qkv[:, :, :2]  # the strided view the model passes
+    got = _cpp.rotary(qk, cos, sin)
+    want = rotary_reference(qk, cos, sin)
+    assert got.dtype == dtype and got.shape == qk.shape
+    assert torch.equal(got, want)
+    assert torch.equal(_cpp.rotary(qk.contiguous(), cos, sin), want)
+
+
+def test_rotary_contract_checks():
+    qkv, cos, sin = rotary_inputs(2, 5, 3, 16, 16, torch.float32)
+    for backend in ("reference", "auto"):
+        with pytest.raises(ValueError, match="q and k along dim 2"):
+            ops.rotary(qkv, cos, sin, backend=backend)
+        with pytest.raises(ValueError, match="cos must have shape"):
+            ops.rotary(qkv[:, :, :2], cos[:, :, :4], sin, backend=backend)
+        with pytest.raises(ValueError, match="sin must have shape"):
+            ops.rotary(qkv[:, :, :2], cos, torch.zeros(2, 1, 5, 18), backend=backend)
+        with pytest.raises(TypeError, match="cos"):
+            ops.rotary(qkv[:, :, :2], cos.double(), sin, backend=backend)
+        with pytest.raises(TypeError, match="qk"):
+            ops.rotary(qkv[:, :, :2].double(), cos, sin, backend=backend)
+
+
+@needs_cpp
+def test_cpp_rotary_raw_binding_rejects_bad_arguments():
+    n = _cpp.to_numpy
+    x, c, s = torch.randn(4, 2, 8), torch.randn(4, 8), torch.randn(4, 8)
+    out = torch.empty(4, 2, 8)
+    _C.rotary(n(x), n(c), n(s), n(out))
+    for args, error, match in [
+        ((n(x), n(c[:3]), n(s), n(out)), ValueError, "cos must have shape"),
+        ((n(x), n(c[:, :7].contiguous()), n(s[:, :7].contiguous()), n(out)), ValueError, "even width"),
+        ((n(x), n(torch.randn(4, 10)), n(torch.randn(4, 10)), n(out)), ValueError, "even width"),
+        ((n(x), n(c), n(s), n(out[:, :1].contiguous())), ValueError, "out must have shape"),
+        ((n(x), n(c), n(s), n(out.bfloat16())), TypeError, "out dtype"),
+        ((n(x.transpose(1, 2)), n(c), n(s), n(out)), ValueError, "x must"),
+        ((n(x), n(c.double()), n(s), n(out)), TypeError, "cos"),
+    ]:
+        with pytest.raises(error, match=match):
+            _C.rotary(*args)

@@ -4,6 +4,7 @@
     y = ops.grouped_moe(x, group_ids, router_weight, gate_up_proj, down_proj, top_k=2)
     tokens, masked = ops.masked_decode_step(logits, tokens, masked, u, step=s, steps=T, guidance=2.0)
     loss = ops.d3diff_loss(logits, targets, mask_ratio, alpha=0.1)
+    qk = ops.rotary(qk, cos, sin)
     y = ops.attention(q, k, v, mask)
 
 One file per op, each in the same order: the op's vocabulary, its readable reference (the oracle every backend
@@ -14,12 +15,12 @@ into the backend ``fastface.backends`` picks. Nothing here imports the model or 
     ops/moe.py            grouped_moe          (reference: grouped_moe_reference)
     ops/masked_decode.py  masked_decode_step   (reference: masked_decode_step_reference)
     ops/d3diff.py         d3diff_loss          (reference: d3diff_loss_reference)
-    ops/attention.py      attention            (reference: attention_reference, PyTorch's SDPA)
+    ops/attention.py      attention, rotary    (reference: attention_reference, PyTorch's SDPA; rotary_reference)
 """
 
-from fastface.ops.attention import attention
+from fastface.ops.attention import attention, rotary
 from fastface.ops.d3diff import d3diff_loss
 from fastface.ops.masked_decode import SCHEDULES, masked_decode_step
 from fastface.ops.moe import ACTIVATIONS, grouped_moe
 
-__all__ = ["ACTIVATIONS", "SCHEDULES", "attention", "d3diff_loss", "grouped_moe", "masked_decode_step"]
+__all__ = ["ACTIVATIONS", "SCHEDULES", "attention", "d3diff_loss", "grouped_moe", "masked_decode_step", "rotary"]
