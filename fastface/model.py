@@ -44,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastface import ops
-from fastface.ops.attention import apply_rotary  # noqa: F401 - the model's rotary, re-exported
 from fastface.config import (
     EOI_ID,
     GROUP_GENERATION,
@@ -55,6 +54,7 @@ from fastface.config import (
     FaceConfig,
 )
 from fastface.loss import load_balancing_loss
+from fastface.ops.attention import apply_rotary  # noqa: F401 - the model's rotary, re-exported
 
 # ----------------------------------------------------------------------------------------------- masks
 
