@@ -332,7 +332,10 @@ class Engine:
         model, device, c = self.model, self.device, self.config
         R, n = buf.ids.shape[0], tokens.shape[1]
         width = seg.columns.stop - seg.columns.start
-        logits_full = torch.zeros(R, n, width, dtype=torch.float32, device=device)  # written at masked rows only
+        # written at masked rows only; in the model's dtype (the reference loop's logits are, and the decode step
+        # reads bfloat16), float32 where a bias is added
+        dtype = torch.float32 if seg.logit_bias is not None else self.dtype
+        logits_full = torch.zeros(R, n, width, dtype=dtype, device=device)
         hidden = None  # [R, S, H]: the last hidden state of every segment position (kv_refresh)
         previous = previous_uncond = masked  # masked at the start of the last step that ran the cond / uncond rows
         with timers.hooks(model):
@@ -374,8 +377,8 @@ class Engine:
                 with timers.section("lm_head", device):
                     # still-masked positions only: cond rows, then the same positions of the uncond rows
                     rows = masked.repeat(2, 1) if uncond_now else masked  # [rows_run, n]
-                    logits = model.head(x[:, seg.positions][rows], seg.columns).float()
-                    logits_full[:rows_run][rows] = logits if seg.logit_bias is None else logits + seg.logit_bias
+                    logits = model.head(x[:, seg.positions][rows], seg.columns)
+                    logits_full[:rows_run][rows] = logits if seg.logit_bias is None else logits.float() + seg.logit_bias
                 with timers.section("noise", device):
                     u = step_noise(seeds, step, n, device, stream=seg.stream)
                 with timers.section("sampler", device):

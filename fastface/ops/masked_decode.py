@@ -138,19 +138,23 @@ def check_masked_decode_args(logits, tokens, masked, u, step, steps, guidance, s
     if u.numel() and not bool(((u > 0) & (u < 1)).all()):
         raise ValueError("u must lie strictly inside (0, 1)")
     # non-finite logits would sample token 0 silently: NaN / +inf anywhere is an error, and so is a still-masked
-    # position where every token has probability 0 (all -inf; -inf for single tokens is how a caller bans them)
-    bad = torch.isnan(logits) | (logits == math.inf)
-    if bool(bad.any()):
-        r, n, _ = (int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"logits hold NaN or +inf (first at row {r}, position {n}): no token can be sampled")
-    if guidance != 0 and bool((logits == -math.inf).any()):
-        # (1 + w) * -inf - w * -inf is NaN: every backend would then sample token 0
-        r, n, _ = (int(i) for i in torch.nonzero(logits == -math.inf)[0])
-        raise ValueError(f"logits hold -inf (first at row {r}, position {n}) with guidance {guidance}: the guided "
-                         f"logit (1 + w) * cond - w * uncond of a token banned in both rows is NaN; ban tokens with a "
-                         f"large finite negative logit instead (e.g. -1e30)")
+    # position where every token has probability 0 (all -inf; -inf for single tokens is how a caller bans them).
+    # One reduction pass over the logits (amax propagates NaN), a second with guidance; positions only on error.
     if V and N:
-        dead = (logits.amax(dim=-1) == -math.inf) & (masked.repeat(2, 1) if guidance != 0 else masked)  # [R, N]
+        top = logits.amax(dim=-1)  # [R, N]
+        bad = torch.isnan(top) | (top == math.inf)
+        if bool(bad.any()):
+            r, n = (int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"logits hold NaN or +inf (first at row {r}, position {n}): no token can be sampled")
+        if guidance != 0:
+            banned = logits.amin(dim=-1) == -math.inf
+            if bool(banned.any()):
+                # (1 + w) * -inf - w * -inf is NaN: every backend would then sample token 0
+                r, n = (int(i) for i in torch.nonzero(banned)[0])
+                raise ValueError(f"logits hold -inf (first at row {r}, position {n}) with guidance {guidance}: the "
+                                 f"guided logit (1 + w) * cond - w * uncond of a token banned in both rows is NaN; "
+                                 f"ban tokens with a large finite negative logit instead (e.g. -1e30)")
+        dead = (top == -math.inf) & (masked.repeat(2, 1) if guidance != 0 else masked)  # [R, N]
         if bool(dead.any()):
             r, n = (int(i) for i in torch.nonzero(dead)[0])
             raise ValueError(f"logits of row {r} at still-masked position {n} are all -inf: no token can be sampled")
