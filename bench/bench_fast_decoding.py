@@ -5,8 +5,9 @@
     python bench/bench_fast_decoding.py --quick --random    # seconds: a tiny random model (the smoke test)
 
 Contenders: exact decoding (the engine, ``auto``), the reference loop (for scale), and the opt-in options of
-``Pipeline.generate_tokens``: ``guidance_steps`` (guidance on the first k steps only), ``kv_refresh`` (the whole
-image every r steps, only the still-masked positions in between, other keys/values reused), both together, and
+``Pipeline.generate_tokens``: ``guidance_steps`` (guidance on the first k steps only), ``uncond_refresh`` (the
+unconditional pass every r guided steps, its last logits guiding the steps between), ``kv_refresh`` (the whole image
+every r steps, only the still-masked positions in between, other keys/values reused), combinations, and
 confidence-threshold decoding. Speed: image tokens/s of the transformer's decoding (no image decode), contenders in
 turn repeat by repeat (A B C ...), each one's ratio to exact per repeat (median, min-max). Work: the share of exact
 decoding's transformer positions a contender ran. Quality (``--quality-faces N``): ``fastface eval``'s generation
@@ -35,12 +36,11 @@ from _cpu_common import RESULTS, gemm_gflops, machine_info  # noqa: E402
 CONTENDERS = {
     "exact": {},
     "reference loop": None,
-    "guidance 8 of 16 steps": dict(guidance_steps=8),
-    "guidance 4 of 16 steps": dict(guidance_steps=4),
     "kv refresh every 4": dict(kv_refresh=4),
-    "kv refresh every 16": dict(kv_refresh=16),
-    "guidance 8 + kv refresh 4": dict(guidance_steps=8, kv_refresh=4),
-    "guidance 4 + kv refresh 4": dict(guidance_steps=4, kv_refresh=4),
+    "uncond every 2 steps": dict(uncond_refresh=2),
+    "guidance 8 of 16 steps": dict(guidance_steps=8),
+    "uncond 2 + kv refresh 4": dict(uncond_refresh=2, kv_refresh=4),
+    "uncond 3 + kv refresh 3": dict(uncond_refresh=3, kv_refresh=3),
     "threshold 0.9": dict(threshold=0.9),
 }
 

@@ -119,10 +119,12 @@ def _auto_order(op: str, device_type: str, dtype) -> tuple[str, ...]:
         if cuda:
             return ("triton", "reference")
         if dtype == torch.bfloat16:
-            # bf16 on the CPU: every expert of the group as two dense matmuls (the CPU's bf16 matrix units) beats
-            # the sorted dispatch although it does twice the routed FLOPs: one face-s layer over 2064 tokens (batch
-            # 4 with guidance) takes 21 ms against 75 ms for the cpp kernel and 52 ms for the reference (one
-            # thread, one run). Not token-exact with the reference (another arithmetic order): bf16 only.
+            # bf16 on the CPU: each routed expert on its own tokens through torch's matmul (the CPU's bf16 matrix
+            # units), the routed FLOPs only. One layer over 2064 tokens (batch 4 with guidance), 2 threads, a 2-core
+            # EPYC with AVX512-BF16: face-s 7.3 ms against 10.4 ms for the cpp kernel; the moe-507m shape 108 vs
+            # 117 ms (both near the bf16 GEMM peak); every expert densely (the earlier rule) took 1.4x and 2.0x the
+            # sorted dispatch's time at the two shapes (side by side, cores shared with another job). Not token-exact
+            # with the reference (another arithmetic order): bf16 only.
             return ("torch", "cpp", "reference")
         return ("cpp", "reference")  # float32: the C++ kernel, token-exact with the reference
     if op == "attention":

@@ -303,6 +303,11 @@ PRESETS: dict[str, dict] = {
         rotary_fraction=0.5, bias=True,
     ),
 }
+# the CPU speed benchmarks' mid-size MoE (random weights): face-s's layout at 507M parameters, experts of 1024
+PRESETS["moe-507m"] = dict(
+    PRESETS["face-s"], text_vocab_size=1000, codebook_size=8192, hidden_size=1024, num_layers=8, num_heads=16,
+    num_experts=8, expert_ffn_size=1024, shared_ffn_size=1024,
+)
 # Show-o 512x512: the same backbone and vocabulary, 32 x 32 = 1024 image tokens
 PRESETS["showo-512"] = dict(PRESETS["showo-256"], image_size=512, image_grid=32)
 # UniF2ace at the paper's size: the Show-o backbone with the grouped token-level MoE (per group 1 shared + 8 routed
