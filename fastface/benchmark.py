@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastface.checks import FLOAT_DTYPES
 from fastface.config import PRESETS, FaceConfig
 
 
@@ -330,7 +331,26 @@ def machine_info() -> dict:
                 git_commit=commit, cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        from fastface import _C
+
+        info["cpu_features"] = _C.cpu_features()
+    except ImportError:
+        info["cpu_features"] = "fastface._C not built"
+    info["gemm_gflops"] = {str(dtype).removeprefix("torch."): round(gemm_gflops(dtype), 1) for dtype in FLOAT_DTYPES}
     return info
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeat: int = 3) -> float:
+    """torch.matmul throughput of an n x n x n GEMM in ``dtype`` (best of ``repeat``): this machine's ceiling."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def format_table(results: list[dict]) -> str:
