@@ -38,14 +38,9 @@ def memcpy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
 
 def gemm_gflops(dtype, n=2048, repeat=5) -> float:
     """Measured torch.matmul throughput of an n x n x n GEMM (best of ``repeat``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    from fastface.benchmark import gemm_gflops as measure
+
+    return measure(dtype, n=n, repeat=repeat)
 
 
 def machine_info() -> dict:

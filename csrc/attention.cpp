@@ -114,68 +114,58 @@ bool task_scalar(const Task<In, Out>& t, const Mask& m, int64_t b, int64_t h, st
 // ---- AVX-512 path -------------------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 
-// s[i, j0 : j0 + 16 NJ] = q_i . K^T[:, j0 : ...] for NQ query rows (qf [NQ, hd] fp32), K^T [hd, Lkp].
-template <int NQ, int NJ>
-FF_AVX512 void score_block(const float* qf, int64_t hd, const float* kt, int64_t Lkp, int64_t j0, float* s) {
-  __m512 acc[NQ][NJ];
-#pragma GCC unroll 4
-  for (int i = 0; i < NQ; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < hd; ++d) {
-    __m512 kv[NJ];
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) kv[j] = _mm512_loadu_ps(kt + d * Lkp + j0 + 16 * j);
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; ++i) {
-      const __m512 qv = _mm512_set1_ps(qf[i * hd + d]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_fmadd_ps(qv, kv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < NQ; ++i)
-    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(s + i * Lkp + j0 + 16 * j, acc[i][j]);
-}
-
-template <int NQ>
-FF_AVX512 void score_rows(int nj, const float* qf, int64_t hd, const float* kt, int64_t Lkp, int64_t j0, float* s) {
-  switch (nj) {
-    case 4: return score_block<NQ, 4>(qf, hd, kt, Lkp, j0, s);
-    case 3: return score_block<NQ, 3>(qf, hd, kt, Lkp, j0, s);
-    case 2: return score_block<NQ, 2>(qf, hd, kt, Lkp, j0, s);
-    default: return score_block<NQ, 1>(qf, hd, kt, Lkp, j0, s);
-  }
-}
-
-// ob[i, :] = sum_j p[i, j] V[j, :] for NQ rows of p ([*, Lkp] fp32), V [Lk, hp]; NV = hp / 16 vectors.
+// The register-tiled outer product both products use: c[i, 16 v + lane] = sum_t a[i, t] b[t, 16 v + lane] for NQ rows
+// of a (row stride lda) and NV vectors of b (row stride ldb), t < T; a broadcast, b loaded, no horizontal sums.
+//   scores: a = q (fp32, [NQ, hd]), b = K^T [hd, Lkp] from key j0, T = hd;
+//   output: a = p ([NQ, Lkp]), b = V [Lk, hp], T = Lk.
 template <int NQ, int NV>
-FF_AVX512 void pv_block(const float* p, int64_t Lkp, const float* vv, int64_t hp, int64_t Lk, float* ob) {
+FF_AVX512 void outer_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t T, float* c,
+                           int64_t ldc) {
   __m512 acc[NQ][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < Lk; ++j) {
-    __m512 vj[NV];
+  for (int64_t t = 0; t < T; ++t) {
+    __m512 bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vj[v] = _mm512_loadu_ps(vv + j * hp + 16 * v);
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + t * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < NQ; ++i) {
-      const __m512 pv = _mm512_set1_ps(p[i * Lkp + j]);
+      const __m512 av = _mm512_set1_ps(a[i * lda + t]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(pv, vj[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < NQ; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ob + i * hp + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+// Scores of rows [0, nq) of q against keys [j0, j0 + 16 nj): blocks of 4 rows, then single rows.
+template <int NJ>
+FF_AVX512 void score_rows(int64_t nq, const float* qf, int64_t hd, const float* kt, int64_t Lkp, int64_t j0,
+                          float* s) {
+  int64_t i = 0;
+  for (; i + 4 <= nq; i += 4) outer_block<4, NJ>(qf + i * hd, hd, kt + j0, Lkp, hd, s + i * Lkp + j0, Lkp);
+  for (; i < nq; ++i) outer_block<1, NJ>(qf + i * hd, hd, kt + j0, Lkp, hd, s + i * Lkp + j0, Lkp);
+}
+
+FF_AVX512 void score_dispatch(int nj, int64_t nq, const float* qf, int64_t hd, const float* kt, int64_t Lkp,
+                              int64_t j0, float* s) {
+  switch (nj) {
+    case 4: return score_rows<4>(nq, qf, hd, kt, Lkp, j0, s);
+    case 3: return score_rows<3>(nq, qf, hd, kt, Lkp, j0, s);
+    case 2: return score_rows<2>(nq, qf, hd, kt, Lkp, j0, s);
+    default: return score_rows<1>(nq, qf, hd, kt, Lkp, j0, s);
+  }
 }
 
 // Rows [0, nq) of p through V: as many NQ-row blocks as fit (NQ * NV <= 16 accumulators), then single rows.
 template <int NQ, int NV>
 FF_AVX512 void pv_rows(int64_t nq, const float* p, int64_t Lkp, const float* vv, int64_t hp, int64_t Lk, float* ob) {
   int64_t i = 0;
-  for (; i + NQ <= nq; i += NQ) pv_block<NQ, NV>(p + i * Lkp, Lkp, vv, hp, Lk, ob + i * hp);
-  for (; i < nq; ++i) pv_block<1, NV>(p + i * Lkp, Lkp, vv, hp, Lk, ob + i * hp);
+  for (; i + NQ <= nq; i += NQ) outer_block<NQ, NV>(p + i * Lkp, Lkp, vv, hp, Lk, ob + i * hp, hp);
+  for (; i < nq; ++i) outer_block<1, NV>(p + i * Lkp, Lkp, vv, hp, Lk, ob + i * hp, hp);
 }
 
 FF_AVX512 void pv_dispatch(int64_t nq, const float* p, int64_t Lkp, const float* vv, int64_t hp, int64_t Lk,
@@ -259,12 +249,8 @@ FF_AVX512 bool task_avx512(const Task<In, Out>& t, const Mask& m, int64_t b, int
     const int64_t nq = std::min(kQT, t.L - i0);
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = ld(t.q + (i0 + i) * t.qs + d);
-    for (int64_t j0 = 0; j0 < Lkp; j0 += 64) {
-      const int nj = static_cast<int>(std::min<int64_t>(4, (Lkp - j0) / 16));
-      int64_t i = 0;
-      for (; i + 4 <= nq; i += 4) score_rows<4>(nj, qf + i * hd, hd, kt, Lkp, j0, s + i * Lkp);
-      for (; i < nq; ++i) score_rows<1>(nj, qf + i * hd, hd, kt, Lkp, j0, s + i * Lkp);
-    }
+    for (int64_t j0 = 0; j0 < Lkp; j0 += 64)
+      score_dispatch(static_cast<int>(std::min<int64_t>(4, (Lkp - j0) / 16)), nq, qf, hd, kt, Lkp, j0, s);
     float inv[kQT];
     for (int64_t i = 0; i < nq; ++i) {
       float* row = s + i * Lkp;
