@@ -63,6 +63,7 @@ py::object moe_experts(const py::object& x, const py::object& top_k_index, const
 void attention(const py::object& q, const py::object& k, const py::object& v, const py::object& mask,
                const py::object& out, double scale);
 void attention_set_simd(bool enabled);
+void attention_set_bf16_dot(bool enabled);
 
 // rotary.cpp
 void rotary(const py::object& x, const py::object& cos, const py::object& sin, const py::object& out);
@@ -117,6 +118,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention", &fastface::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
         py::arg("scale"),
         "Scaled dot-product attention forward into out [B, L, nh, hd]. Arrays: see fastface/_cpp.py.");
+  m.def("attention_set_bf16_dot", &fastface::attention_set_bf16_dot, py::arg("enabled"),
+        "False: bf16 attention widens to fp32 on the AVX-512 path instead of vdpbf16ps (tests).");
 
   // ---- rotary.cpp ----
   m.def("rotary", &fastface::rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"),

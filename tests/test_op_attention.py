@@ -46,11 +46,15 @@ def inputs(B, nh, L, Lk, hd, dtype, seed=0, mask="bool", mask_heads=1, mask_batc
     return q, k, v, m
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+@pytest.fixture(params=["simd", "simd-widened", "portable"])
 def simd(request):
-    _C.set_simd_kernels(request.param)
+    """The kernel's paths: AVX-512 (bf16 products by vdpbf16ps where the CPU has AVX512-BF16), AVX-512 with bf16
+    inputs widened to fp32 products, and the portable loop."""
+    _C.set_simd_kernels(request.param != "portable")
+    _C.attention_set_bf16_dot(request.param == "simd")
     yield request.param
     _C.set_simd_kernels(True)
+    _C.attention_set_bf16_dot(True)
 
 
 @needs_cpp
