@@ -96,6 +96,15 @@ def test_images_generate_with_the_openai_client(client, pipe):
         assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_images_with_faster_than_exact_options(client, pipe):
+    fast = dict(guidance_steps=2, uncond_refresh=2, kv_refresh=2)
+    result = client.images.generate(model="face-s", prompt="a man with a beard", n=1, response_format="b64_json",
+                                    extra_body={"seed": 3, "steps": 4, **fast})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+    want = pipe.generate(["a man with a beard"], steps=4, seed=[3], **fast)[0]
+    assert np.array_equal(got, np.asarray(want))
+
+
 def test_chat_completion_with_an_image(client, pipe):
     face = pipe.generate(["a woman with red hair"], steps=4, seed=0)[0]
     result = client.chat.completions.create(model="face-s", messages=[{"role": "user", "content": [
@@ -189,10 +198,23 @@ def _is_error(response, status, param=None):
     ({"prompt": "x" * 2001}, "prompt"),
     ({"n": 1}, "prompt"),
     ({"prompt": "a man", "wings": 2}, "wings"),
+    ({"prompt": "a man", "kv_refresh": 0}, "kv_refresh"),
+    ({"prompt": "a man", "uncond_refresh": 17}, "uncond_refresh"),
+    ({"prompt": "a man", "guidance_steps": -1}, "guidance_steps"),
     ({"prompt": 7}, "prompt"),
 ])
 def test_image_request_errors_name_the_field(server, body, param):
     _is_error(_post(server, "/v1/images/generations", body), 422, param)
+
+
+def test_kv_refresh_on_a_reference_server_is_422():
+    live = LiveServer(create_app(fastface.load(backend="reference"), ServerSettings(api_key=KEY)))
+    try:
+        err = _is_error(_post(live, "/v1/images/generations", {"prompt": "a man", "steps": 2, "kv_refresh": 2}), 422,
+                        "kv_refresh")
+        assert "reference loop" in err["message"]
+    finally:
+        live.stop()
 
 
 def test_unknown_model_is_404(server):

@@ -8,7 +8,8 @@ Routes:
 - ``POST /v1/images/generations`` -- OpenAI's images API: ``prompt``, ``n``, ``size`` (the model's own, e.g.
   ``"64x64"``), ``response_format`` (``"b64_json"``: a server that keeps no files returns no URLs), ``model``;
   and fastface's ``seed`` (image i of the request uses ``seed + i``; drawn at random when absent and returned
-  with each image), ``steps``, ``guidance``. Same prompt, seed and options -> the same PNG bytes, alone or among
+  with each image), ``steps``, ``guidance``, and the opt-in faster-than-exact ``guidance_steps``, ``uncond_refresh``,
+  ``kv_refresh``. Same prompt, seed and options -> the same PNG bytes, alone or among
   any concurrent requests.
 - ``POST /v1/chat/completions`` -- understanding: the last user message holds one image (``image_url`` with a
   ``data:image/...;base64,`` URL, OpenAI's vision format) and the question text. Greedy unless ``top_p`` is given
@@ -83,6 +84,10 @@ class ImageRequest(_Body):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(16, ge=1)
     guidance: float = Field(2.0, ge=-MAX_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
+    # faster than exact, opt-in (Pipeline.generate_tokens): None = exact
+    guidance_steps: int | None = Field(None, ge=0)
+    uncond_refresh: int | None = Field(None, ge=1)
+    kv_refresh: int | None = Field(None, ge=1)
     quality: str | None = None  # accepted for compatibility, ignored: one quality
     style: str | None = None  # accepted for compatibility, ignored
     user: str | None = None
@@ -174,9 +179,11 @@ class Service:
 
     # ------------------------------------------------------------------------------------ batch bodies
     def _run_images(self, key, rows) -> list[str]:
-        _, steps, guidance = key
+        _, steps, guidance, guidance_steps, uncond_refresh, kv_refresh = key
         prompts, seeds = [r[0] for r in rows], [r[1] for r in rows]
-        tokens = self.pipe.generate_tokens(prompts, steps=steps, guidance=guidance, seed=seeds)
+        tokens = self.pipe.generate_tokens(prompts, steps=steps, guidance=guidance, seed=seeds,
+                                           guidance_steps=guidance_steps, uncond_refresh=uncond_refresh,
+                                           kv_refresh=kv_refresh)
         out = []
         for image in self.pipe.decode_images(tokens):
             buf = io.BytesIO()
@@ -326,6 +333,13 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             raise APIError(422, f"n={body.n}; at most {settings.max_n} images per request", param="n")
         if body.steps > settings.max_steps:
             raise APIError(422, f"steps={body.steps}; this server runs at most {settings.max_steps}", param="steps")
+        for name in ("guidance_steps", "uncond_refresh", "kv_refresh"):
+            value = getattr(body, name)
+            if value is not None and value > settings.max_steps:
+                raise APIError(422, f"{name}={value}; this server runs at most {settings.max_steps} steps", param=name)
+        if body.kv_refresh is not None and not service.pipe.decoder.uses_engine:
+            raise APIError(422, "kv_refresh reuses the engine's keys/values; this server runs the reference loop",
+                           param="kv_refresh")
         if body.size not in (None, "auto", service.size):
             raise APIError(422, f"size {body.size!r}: this model draws {service.size} images", param="size")
         service.check_prompt("prompt", body.prompt)
@@ -333,7 +347,8 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         if seed + body.n - 1 > MAX_SEED:
             raise APIError(422, f"seed + n - 1 must be <= {MAX_SEED}", param="seed")
         rows = [(body.prompt, seed + i) for i in range(body.n)]
-        images = await service.images.submit(("images", body.steps, body.guidance), rows)
+        images = await service.images.submit(("images", body.steps, body.guidance, body.guidance_steps,
+                                              body.uncond_refresh, body.kv_refresh), rows)
         return {"created": int(time.time()),
                 "data": [{"b64_json": b64, "revised_prompt": body.prompt, "seed": seed + i}
                          for i, b64 in enumerate(images)]}
