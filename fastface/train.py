@@ -967,6 +967,7 @@ def run(args) -> int:
                         "final": history[-1] if history else None}))
         print(f"checkpoint: {latest_state(out)}")
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
     return 0
 

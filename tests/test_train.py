@@ -76,8 +76,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run([sys.executable, script, str(one)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    script, str(two)], check=True, env=env, timeout=300, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          script, str(two)], env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"torchrun exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     l1, l2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
