@@ -30,6 +30,7 @@ static CpuFeatures detect_cpu_features() {
   f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   f.avx512_bf16 = f.avx512 && __builtin_cpu_supports("avx512bf16");
+  f.avx512_vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
 #if defined(__linux__)
   // AMX needs CPUID support *and* the kernel's permission for this process to use the tile state.
   unsigned eax, ebx, ecx, edx;
@@ -69,6 +70,12 @@ void attention_set_bf16_dot(bool enabled);
 void rotary(const py::object& x, const py::object& cos, const py::object& sin, const py::object& out);
 void rotary_set_simd(bool enabled);
 
+// int8_linear.cpp
+void int8_linear(const py::object& x, const py::object& weight, const py::object& scale, const py::object& sums,
+                 const py::object& bias, const py::object& out);
+void int8_linear_set_simd(bool enabled);
+void int8_linear_set_vnni(bool enabled);
+
 // gemm.cpp (the matmul core of grouped_moe.cpp)
 void set_matmul_path(const std::string& path);
 std::string matmul_path(bool bf16);
@@ -100,6 +107,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx2_fma"] = f.avx2_fma;
     d["avx512"] = f.avx512;
     d["avx512_bf16"] = f.avx512_bf16;
+    d["avx512_vnni"] = f.avx512_vnni;
     d["amx_bf16"] = f.amx_bf16;
     return d;
   }, "The instruction sets this process may use (runtime dispatch).");
@@ -124,6 +132,14 @@ PYBIND11_MODULE(_C, m) {
   // ---- rotary.cpp ----
   m.def("rotary", &fastface::rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"),
         "Rotary embedding (rotate-half) of x [N, M, hd] by cos/sin [N, rd] into out [N, M, hd].");
+
+  // ---- int8_linear.cpp ----
+  m.def("int8_linear", &fastface::int8_linear, py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("sums"),
+        py::arg("bias"), py::arg("out"),
+        "x [M, K] quantised per row to int8, times the packed int8 weight [ceil(N/16), ceil(K/4), 64] with per-row "
+        "scale [N] float32 and row sums [N] int32 (+ bias [N] float32), into out [M, N] (x's dtype).");
+  m.def("int8_linear_set_vnni", &fastface::int8_linear_set_vnni, py::arg("enabled"),
+        "False: int8_linear's products run the portable loop even where the CPU has AVX512-VNNI (tests).");
 
   // ---- gemm.cpp ----
   m.def("set_matmul_path", &fastface::set_matmul_path, py::arg("path"),
@@ -151,5 +167,8 @@ PYBIND11_MODULE(_C, m) {
     fastface::d3diff_set_simd(enabled);
     fastface::attention_set_simd(enabled);
     fastface::rotary_set_simd(enabled);
-  }, py::arg("enabled"), "False: masked_decode_step, d3diff_*, attention and rotary run their portable paths (tests).");
+    fastface::int8_linear_set_simd(enabled);
+  }, py::arg("enabled"),
+     "False: masked_decode_step, d3diff_*, attention, rotary and int8_linear's quantisation and epilogue run their "
+     "portable paths (tests).");
 }

@@ -30,7 +30,7 @@ namespace py = pybind11;
 // dtypes
 // ---------------------------------------------------------------------------------------------
 
-enum class DType { F32, BF16, I64, I32, U8, Other };
+enum class DType { F32, BF16, I64, I32, U8, I8, Other };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -39,6 +39,7 @@ inline const char* dtype_name(DType d) {
     case DType::I64: return "int64";
     case DType::I32: return "int32";
     case DType::U8: return "bool/uint8";
+    case DType::I8: return "int8";
     default: return "unsupported";
   }
 }
@@ -51,7 +52,8 @@ inline DType dtype_of(const py::buffer_info& b) {
   if (b.itemsize == 2 && (f == 'h' || f == 'H')) return DType::BF16;
   if (b.itemsize == 8 && (f == 'q' || f == 'l' || f == 'Q' || f == 'L')) return DType::I64;
   if (b.itemsize == 4 && (f == 'i' || f == 'I')) return DType::I32;
-  if (b.itemsize == 1 && (f == '?' || f == 'B' || f == 'b')) return DType::U8;
+  if (b.itemsize == 1 && (f == '?' || f == 'B')) return DType::U8;
+  if (b.itemsize == 1 && f == 'b') return DType::I8;
   return DType::Other;
 }
 
@@ -97,7 +99,13 @@ inline Arg require_any_strides(const py::object& obj, const char* name, int ndim
     type_error(std::string(name) + " must be a numpy array (a tensor's .numpy()), got " +
                std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   }
-  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request(writable);
+  py::buffer_info info;
+  try {
+    info = py::reinterpret_borrow<py::buffer>(obj).request(writable);
+  } catch (py::error_already_set& e) {
+    if (!writable) throw;
+    value_error(std::string(name) + " must be a writable array: " + e.what());
+  }
   DType dt = dtype_of(info);
   bool ok = false;
   for (DType a : allowed) ok = ok || (a == dt);
@@ -212,6 +220,7 @@ struct CpuFeatures {
   bool avx2_fma = false;     // AVX2 + FMA
   bool avx512 = false;       // AVX-512 F/BW/VL/DQ
   bool avx512_bf16 = false;  // vdpbf16ps, vcvtne2ps2bf16
+  bool avx512_vnni = false;  // vpdpbusd: u8 x s8 dot products of 4 into int32
   bool amx_bf16 = false;     // AMX tiles usable by this process (kernel permission granted)
 };
 

@@ -15,11 +15,12 @@ from fastface.config import PRESETS, FaceConfig
 __version__ = "0.1.0"
 
 
-def load(path=None, *, backend="auto", dtype="float32"):
-    """Load a checkpoint directory (default: the embedded face model) as a ``Pipeline``."""
+def load(path=None, *, backend="auto", dtype="float32", weights="float"):
+    """Load a checkpoint directory (default: the embedded face model) as a ``Pipeline``; ``weights="int8"``
+    quantises its attention and expert weights (opt-in: ``fastface.quantization``)."""
     from fastface.pipeline import load as _load
 
-    return _load(path, backend=backend, dtype=dtype)
+    return _load(path, backend=backend, dtype=dtype, weights=weights)
 
 
 def load_perception(path=None, *, dtype=None):

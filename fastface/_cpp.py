@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from fastface import _C  # noqa: F401 - ImportError here means "cpp backend unavailable"
 
-__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "attention", "rotary",
+__all__ = ["grouped_moe", "moe_experts", "masked_decode_step", "d3diff_loss", "attention", "rotary", "int8_linear",
            "set_decode_math", "to_numpy", "from_numpy"]
 
 
@@ -281,3 +281,19 @@ def rotary(qk, cos, sin):
     _C.rotary(to_numpy(x, "qk"), to_numpy(cos.reshape(B * L, rd).contiguous(), "cos"),
               to_numpy(sin.reshape(B * L, rd).contiguous(), "sin"), to_numpy(out, "out"))
     return out.view(B, L, 2, nh, hd)
+
+
+def int8_linear(x, weight, bias=None):
+    """int8 linear layer on the CPU (csrc/int8_linear.cpp), bitwise ``ops.int8.int8_linear_reference``.
+
+    x [..., K] float32 or bfloat16, weight an ``ops.int8.Int8Weight`` [N, K] (its packed values), bias [N] or None.
+    Returns [..., N] in x's dtype.
+    """
+    K, N = x.shape[-1], weight.scale.shape[0]
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype)
+    b = None if bias is None else to_numpy(_contig(bias.float()), "bias")
+    _C.int8_linear(to_numpy(_contig(x2), "x"), to_numpy(_contig(weight.packed), "weight"),
+                   to_numpy(_contig(weight.scale), "scale"), to_numpy(_contig(weight.sums), "sums"), b,
+                   to_numpy(out, "out"))
+    return out.reshape(*x.shape[:-1], N)

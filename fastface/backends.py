@@ -42,6 +42,10 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "reference": "fastface.ops.attention:rotary_reference",
         "cpp": "fastface._cpp:rotary",
     },
+    "int8_linear": {
+        "reference": "fastface.ops.int8:int8_linear_reference",
+        "cpp": "fastface._cpp:int8_linear",
+    },
     "d3diff_loss": {
         "reference": "fastface.ops.d3diff:d3diff_loss_reference",
         "cpp": "fastface._cpp:d3diff_loss",
@@ -59,6 +63,7 @@ FORWARD_ONLY: dict[str, tuple[str, ...]] = {
     "grouped_moe": ("cpp", "torch"),
     "attention": ("cpp",),
     "rotary": ("cpp",),
+    "int8_linear": ("cpp",),  # ops.int8_linear refuses gradients itself: quantised weights are not trained
 }
 
 
@@ -130,6 +135,8 @@ def _auto_order(op: str, device_type: str, dtype) -> tuple[str, ...]:
     if op == "attention":
         # the C++ kernel where the CPU has AVX-512 (elsewhere its portable loop is slower than torch's SDPA)
         return ("cpp", "reference") if not cuda and cpu_has_avx512() else ("reference",)
+    if op == "int8_linear":
+        return ("cpp", "reference") if not cuda else ("reference",)  # bitwise the reference's on every CPU path
     if op == "rotary":
         return ("cpp", "reference") if not cuda else ("reference",)  # bitwise the reference's, one pass
     if op == "masked_decode_step":

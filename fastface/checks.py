@@ -21,10 +21,11 @@ DTYPE_NAMES = ("float32", "bfloat16")
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
+def check_tensor(name: str, t, ndim: int | None, dtypes=None) -> None:
+    """A tensor of ``ndim`` dims (None: any) and one of ``dtypes`` (None: any)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
+    if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -260,10 +260,16 @@ class TokenMoE(nn.Module):
             self.shared_down_proj = nn.Parameter(torch.empty(G, S, H, Fs))
         else:
             self.shared_gate_up_proj = self.shared_down_proj = None
+        self.experts8 = None  # the experts in int8 (fastface.quantization), which then replace the float weights
 
     def forward(self, x, groups, router_logits: bool = False, backend: str | None = None):
         """x [B, L, H], groups [B * L] -> (y [B, L, H], router_logits [B*L, E] or None)."""
         B, L, H = x.shape
+        if self.experts8 is not None:
+            out = self.experts8(x.reshape(B * L, H), groups, self.router_weight, top_k=self.config.top_k,
+                                normalize_topk=self.config.normalize_topk, return_router_logits=router_logits)
+            y, logits = out if router_logits else (out, None)
+            return y.view(B, L, H), logits
         out = ops.grouped_moe(
             x.reshape(B * L, H), groups, self.router_weight, self.gate_up_proj, self.down_proj,
             top_k=self.config.top_k, shared_gate_up_proj=self.shared_gate_up_proj,
@@ -461,11 +467,10 @@ class FaceTransformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
     def set_backend(self, backend: str):
-        """The backend of every op the model calls (grouped MoE, attention)."""
-        for layer in self.layers:
-            layer.attn.backend = backend
-            if layer.moe is not None:
-                layer.moe.backend = backend
+        """The backend of every op the model calls (grouped MoE, attention, int8 linear layers)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
 
     @property
     def device(self) -> torch.device:
@@ -475,9 +480,12 @@ class FaceTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    weight_format = "float"  # "int8" once fastface.quantization.quantize_int8 has run
+
     def weights_version(self) -> tuple:
-        """Changes whenever a parameter is modified in place (caches of derived values compare it)."""
-        return tuple(p._version for p in self.parameters())
+        """Changes whenever a parameter is modified in place or the weights are quantised (caches of derived values
+        compare it)."""
+        return (self.weight_format, *(p._version for p in self.parameters()))
 
     # ------------------------------------------------------------------------ pieces the engine calls
     def blocks(self, input_ids: torch.Tensor, ctx: BlockContext):

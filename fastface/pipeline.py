@@ -34,6 +34,7 @@ from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
 from fastface.images import to_rgb
 from fastface.prompts import block_text, mmu_prompt_ids, t2i_prompt_ids, text_block_length
+from fastface.quantization import WEIGHT_FORMATS, quantize_int8
 from fastface.tokenizer import encode_text, text_only
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"
@@ -405,14 +406,17 @@ class Pipeline:
         return [seed + b for b in range(n)]
 
 
-def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipeline:
+def load(path=None, *, backend: str = "auto", dtype: str = "float32", weights: str = "float") -> Pipeline:
     """Load a checkpoint directory (default: the embedded face model) into a ``Pipeline``.
 
     ``dtype="bfloat16"`` with ``backend="auto"`` on a CPU without bf16 matrix instructions loads the bf16 weights and
     runs them in float32 (``backends.math_dtype``: an exact upcast, and faster there), with a warning once.
+    ``weights="int8"`` quantises the attention and expert weights to int8 after loading (opt-in, forward only:
+    ``fastface.quantization``); activations and everything else run in ``dtype``.
     """
     backends.validate_choice(backend)
     check_choice("dtype", dtype, DTYPE_NAMES)
+    check_choice("weights", weights, WEIGHT_FORMATS)
     runs_in = backends.math_dtype(dtype, backend)  # auto on a CPU without bf16 instructions: float32 math
     if runs_in == dtype:
         backends.warn_if_slow_bf16(dtype)
@@ -423,4 +427,6 @@ def load(path=None, *, backend: str = "auto", dtype: str = "float32") -> Pipelin
     model, tokenizer, image_tokenizer, config = load_checkpoint(path, dtype=DTYPES[dtype])
     if runs_in != dtype:
         model = model.to(DTYPES[runs_in])  # the bf16 weights, upcast exactly
+    if weights == "int8":
+        quantize_int8(model)
     return Pipeline(model, tokenizer, image_tokenizer, backend=backend, embedder=load_embedder(path, config))

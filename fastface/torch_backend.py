@@ -57,6 +57,21 @@ def _packed_experts(g: int, gate_up_proj, down_proj):
 def grouped_moe_sorted(x, group_ids, router_weight, gate_up_proj, down_proj, *, top_k, shared_gate_up_proj=None,
                        shared_down_proj=None, normalize_topk=True, return_router_logits=False, activation="silu"):
     """``ops.grouped_moe`` with each routed expert run on its own tokens only (see the module docstring)."""
+    shared = None
+    if shared_gate_up_proj is not None:
+        def shared(g):
+            return _packed_experts(g, shared_gate_up_proj, shared_down_proj)
+    return sorted_moe(x, group_ids, router_weight, lambda g, e: (gate_up_proj[g, e], down_proj[g, e]), shared,
+                      top_k=top_k, normalize_topk=normalize_topk, return_router_logits=return_router_logits,
+                      activation=activation)
+
+
+@torch.no_grad()
+def sorted_moe(x, group_ids, router_weight, expert, shared, *, top_k, normalize_topk=True, return_router_logits=False,
+               activation="silu", linear=F.linear):
+    """The sorted dispatch over any weight format: ``expert(g, e)`` -> (gate_up [2F, H], down [H, F]) of routed
+    expert e of group g, ``shared(g)`` -> the group's shared experts packed (W1 [2nF, H], W2 [H, nF]) or None for
+    none, and ``linear(x, w)`` = x w^T for those weights (``F.linear`` for tensors; int8 weights bring their own)."""
     T, H = x.shape
     E = router_weight.shape[1]
     y = x.new_zeros(T, H)
@@ -68,11 +83,11 @@ def grouped_moe_sorted(x, group_ids, router_weight, gate_up_proj, down_proj, *, 
         h = x if whole else x[rows]  # [Tg, H]
         logits = h.float() @ router_weight[g].float().t()  # [Tg, E]
         weights, experts = route(logits, top_k, normalize_topk)  # [Tg, K]
-        if shared_gate_up_proj is not None:  # every token runs the shared experts: two matmuls for all of them
-            w1, w2 = _packed_experts(g, shared_gate_up_proj, shared_down_proj)
-            D = w2.shape[1]
-            gu = F.linear(h, w1)
-            out = F.linear(activate(gu[:, :D], activation) * gu[:, D:], w2)
+        if shared is not None:  # every token runs the shared experts: two matmuls for all of them
+            w1, w2 = shared(g)
+            gu = linear(h, w1)
+            D = gu.shape[1] // 2
+            out = linear(activate(gu[:, :D], activation) * gu[:, D:], w2)
         else:
             out = h.new_zeros(h.shape[0], H)
         order = torch.argsort(experts.reshape(-1), stable=True)  # (token, slot) pairs by expert, in token order
@@ -83,10 +98,11 @@ def grouped_moe_sorted(x, group_ids, router_weight, gate_up_proj, down_proj, *, 
         for e, n in enumerate(counts):
             if n:
                 t = tokens[start : start + n]
-                gu = F.linear(h[t], gate_up_proj[g, e])  # [n, 2F]
+                w1, w2 = expert(g, e)
+                gu = linear(h[t], w1)  # [n, 2F]
                 Fe = gu.shape[1] // 2
                 a = activate(gu[:, :Fe], activation) * gu[:, Fe:]
-                out.index_add_(0, t, F.linear(a, down_proj[g, e]) * pair_weights[start : start + n, None])
+                out.index_add_(0, t, linear(a, w2) * pair_weights[start : start + n, None])
             start += n
         if whole:
             y, router_logits = out, logits

@@ -1,0 +1,310 @@
+// int8 weights times dynamically quantised int8 activations on the CPU (contract: fastface/ops/int8.py, int8_linear).
+//
+// Legend: M rows (tokens), K input features, N output features (weight rows); Kp = K rounded up to 4, Np = N rounded
+// up to 16.
+//
+// Per row m:  s[m] = amax_k |x[m, k]| / 127 (1 for a row of zeros),  q[m, k] = clamp(round_half_even(x[m, k] / s[m]),
+// -127, 127); then acc[m, n] = sum_k q[m, k] w[n, k] exactly in int32, and y[m, n] = float(acc) * s[m] * ws[n]
+// (+ bias[n]), each operation rounded in that order, then once to the output's dtype. Those are the reference's
+// operations, and the integer sums are exact, so the result is bitwise the reference's on every path.
+//
+// Weights come packed (ops.int8.pack_int8): panels of 16 output features, within a panel k in groups of 4, each group
+// 16 features x 4 bytes -- one 64-byte vector per (panel, k-group), the operand layout of vpdpbusd. The AVX512-VNNI
+// micro-kernel is an outer product: 6 rows x 4 panels (64 features) of int32 accumulators, per k-group 4 weight
+// vectors and 6 broadcast activation quads, 24 vpdpbusd, no horizontal sums; the epilogue works on whole vectors of
+// output features. vpdpbusd multiplies unsigned by signed bytes, so the activations are stored as q + 128 and
+// 128 * sum_k w[n, k] (the weight's row sums, precomputed) comes off each sum. Elsewhere a portable loop over the
+// same layout, activations as signed bytes. Work splits across threads by strips of 64 features x chunks of rows.
+// |acc + 128 sum w| <= 255 * 127 * K must fit int32: K <= 65536.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "simd.h"
+
+namespace fastface {
+namespace {
+
+bool g_vnni = true;
+bool g_simd = true;
+
+inline float ld(const float* p) { return *p; }
+inline float ld(const uint16_t* p) { return bf16_to_f32(*p); }
+inline void st(float* p, float v) { *p = v; }
+inline void st(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
+// One row: its scale, and its int8 values plus offset as bytes. False if the row holds a non-finite value.
+template <class T>
+bool quantize_row(const T* x, int64_t K, int32_t offset, uint8_t* q, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = ld(x + k);
+    finite = finite && std::isfinite(v);
+    amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+  }
+  if (!finite) return false;
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    float r = std::nearbyint(ld(x + k) / s);  // round half to even, as torch.round
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    q[k] = static_cast<uint8_t>(static_cast<int32_t>(r) + offset);
+  }
+  *scale = s;
+  return true;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <class T>
+FF_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (sizeof(T) == 2) return load_bf16x16(reinterpret_cast<const uint16_t*>(p), m);
+  else return _mm512_maskz_loadu_ps(m, p);
+}
+
+template <class T>
+FF_AVX512 bool quantize_row_avx512(const T* x, int64_t K, int32_t offset, uint8_t* q, float* scale) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 a = _mm512_and_ps(load16(x + k, m), abs_mask);
+    bad |= _mm512_mask_cmp_ps_mask(m, a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+    amax = _mm512_max_ps(amax, a);
+  }
+  if (bad) return false;
+  const float am = _mm512_reduce_max_ps(amax);
+  const float s = am > 0.0f ? am / 127.0f : 1.0f;
+  const __m512 sv = _mm512_set1_ps(s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(offset);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, m), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), lo), hi);
+    v = _mm512_add_epi32(v, off);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(v));
+  }
+  *scale = s;
+  return true;
+}
+
+// y[j] = float(acc[j] - offset * wsum[j]) * sa * ws[j] (+ bias[j]) for j < n, products and sum rounded one by one
+template <class T>
+FF_AVX512 void epilogue_avx512(const int32_t* acc, int64_t n, int32_t offset, const int32_t* wsum, float sa,
+                               const float* ws, const float* bias, T* y) {
+  const __m512 sav = _mm512_set1_ps(sa);
+  const __m512i off = _mm512_set1_epi32(offset);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512i a = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j),
+                                       _mm512_mullo_epi32(off, _mm512_maskz_loadu_epi32(m, wsum + j)));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), sav);
+    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, ws + j));
+    if (bias) {
+      __asm__("" : "+v"(v));  // no FMA contraction: the reference rounds the product
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j));
+    }
+    if constexpr (sizeof(T) == 4) {
+      _mm512_mask_storeu_ps(y + j, m, v);
+    } else {
+      __m512i u = _mm512_castps_si512(v);  // round to nearest even (finite: the inputs were checked)
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+      _mm256_mask_storeu_epi16(y + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    }
+  }
+}
+#endif
+
+template <class T>
+void epilogue_scalar(const int32_t* acc, int64_t n, int32_t offset, const int32_t* wsum, float sa, const float* ws,
+                     const float* bias, T* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    volatile float v = static_cast<float>(acc[j] - offset * wsum[j]) * sa;
+    v = v * ws[j];
+    st(y + j, bias ? v + bias[j] : static_cast<float>(v));
+  }
+}
+
+constexpr int kMR = 6, kNP = 4;        // micro-kernel: 6 rows x 4 panels of 16 features
+constexpr int64_t kRowChunk = 48;       // rows per task (a multiple of kMR)
+
+inline int32_t load_quad(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Portable: acc[i][c] for rows i < mr, features c < 16 * np of panels starting at w (panel stride ps bytes).
+void micro_portable(int mr, int np, const uint8_t* a, int64_t lda, const int8_t* w, int64_t ps, int64_t kq,
+                    int32_t* acc /* [kMR][kNP * 16] */) {
+  for (int i = 0; i < mr; ++i) {
+    const int8_t* ai = reinterpret_cast<const int8_t*>(a + i * lda);  // offset 0: signed bytes
+    for (int j = 0; j < np; ++j) {
+      int32_t* out = acc + i * kNP * 16 + j * 16;
+      for (int c = 0; c < 16; ++c) out[c] = 0;
+      const int8_t* wp = w + j * ps;
+      for (int64_t q = 0; q < kq; ++q)
+        for (int c = 0; c < 16; ++c)
+          for (int t = 0; t < 4; ++t) out[c] += int32_t(ai[q * 4 + t]) * int32_t(wp[q * 64 + c * 4 + t]);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+template <int MR, int NP>
+FF_VNNI void micro_vnni(const uint8_t* a, int64_t lda, const int8_t* w, int64_t ps, int64_t kq, int32_t* acc_out) {
+  __m512i acc[MR][NP];  // fully unrolled, so the accumulators live in registers (24 + 4 weights + 1 broadcast)
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < kq; ++q) {
+    __m512i b[NP];
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(w + j * ps + q * 64);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_set1_epi32(load_quad(a + i * lda + q * 4));
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) _mm512_storeu_si512(acc_out + i * kNP * 16 + j * 16, acc[i][j]);
+}
+
+template <int MR>
+FF_VNNI void micro_vnni_np(int np, const uint8_t* a, int64_t lda, const int8_t* w, int64_t ps, int64_t kq, int32_t* acc) {
+  switch (np) {
+    case 4: return micro_vnni<MR, 4>(a, lda, w, ps, kq, acc);
+    case 3: return micro_vnni<MR, 3>(a, lda, w, ps, kq, acc);
+    case 2: return micro_vnni<MR, 2>(a, lda, w, ps, kq, acc);
+    default: return micro_vnni<MR, 1>(a, lda, w, ps, kq, acc);
+  }
+}
+
+FF_VNNI void micro_vnni_any(int mr, int np, const uint8_t* a, int64_t lda, const int8_t* w, int64_t ps, int64_t kq,
+                            int32_t* acc) {
+  switch (mr) {
+    case 6: return micro_vnni_np<6>(np, a, lda, w, ps, kq, acc);
+    case 5: return micro_vnni_np<5>(np, a, lda, w, ps, kq, acc);
+    case 4: return micro_vnni_np<4>(np, a, lda, w, ps, kq, acc);
+    case 3: return micro_vnni_np<3>(np, a, lda, w, ps, kq, acc);
+    case 2: return micro_vnni_np<2>(np, a, lda, w, ps, kq, acc);
+    default: return micro_vnni_np<1>(np, a, lda, w, ps, kq, acc);
+  }
+}
+#endif
+
+template <class T>
+int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* ws, const int32_t* wsum,
+            const float* bias, T* y, bool simd) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const bool vnni = cpu_features().avx512_vnni && g_vnni;
+#else
+  const bool vnni = false;
+#endif
+  const int32_t offset = vnni ? 128 : 0;
+  const int64_t Kp = (K + 3) / 4 * 4, kq = Kp / 4, ps = kq * 64, panels = (N + 15) / 16;
+  std::vector<uint8_t> q(static_cast<size_t>(M * Kp));  // padding k: zero weights there, any value works
+  std::vector<float> sa(static_cast<size_t>(M));
+  int64_t bad_row = -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    bool ok;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd) ok = quantize_row_avx512(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
+    else
+#endif
+      ok = quantize_row(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
+    if (!ok) {
+#pragma omp critical
+      if (bad_row < 0 || m < bad_row) bad_row = m;
+    }
+  }
+  if (bad_row >= 0) return bad_row;
+  const int64_t strips = (panels + kNP - 1) / kNP, chunks = (M + kRowChunk - 1) / kRowChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < strips * chunks; ++t) {
+    const int64_t p0 = (t / chunks) * kNP, r0 = (t % chunks) * kRowChunk;  // consecutive tasks share a strip
+    const int np = static_cast<int>(panels - p0 < kNP ? panels - p0 : kNP);
+    const int64_t n0 = p0 * 16, nn = N - n0 < 16 * np ? N - n0 : 16 * np;
+    const int64_t r1 = M - r0 < kRowChunk ? M : r0 + kRowChunk;
+    alignas(64) int32_t acc[kMR * kNP * 16];
+    for (int64_t m = r0; m < r1; m += kMR) {
+      const int mr = static_cast<int>(r1 - m < kMR ? r1 - m : kMR);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vnni) micro_vnni_any(mr, np, q.data() + m * Kp, Kp, w + p0 * ps, ps, kq, acc);
+      else
+#endif
+        micro_portable(mr, np, q.data() + m * Kp, Kp, w + p0 * ps, ps, kq, acc);
+      for (int i = 0; i < mr; ++i) {
+        const int32_t* a = acc + i * kNP * 16;
+        T* out = y + (m + i) * N + n0;
+        const float* b = bias ? bias + n0 : nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (simd) {
+          epilogue_avx512(a, nn, offset, wsum + n0, sa[m + i], ws + n0, b, out);
+          continue;
+        }
+#endif
+        epilogue_scalar(a, nn, offset, wsum + n0, sa[m + i], ws + n0, b, out);
+      }
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+void int8_linear_set_simd(bool enabled) { g_simd = enabled; }
+void int8_linear_set_vnni(bool enabled) { g_vnni = enabled; }
+
+void int8_linear(const py::object& x_obj, const py::object& w_obj, const py::object& scale_obj,
+                 const py::object& sums_obj, const py::object& bias_obj, const py::object& out_obj) {
+  Arg x = require(x_obj, "x", 2, {DType::F32, DType::BF16});
+  const int64_t M = x.dim(0), K = x.dim(1);
+  if (K > 65536) value_error("int8_linear: K (in features) must be at most 65536 for exact int32 sums, got " +
+                             std::to_string(K));
+  Arg s = require(scale_obj, "scale", 1, {DType::F32});
+  const int64_t N = s.dim(0);
+  Arg w = require(w_obj, "weight", 3, {DType::I8});
+  require_shape(w, {(N + 15) / 16, (K + 3) / 4, 64});
+  Arg sums = require(sums_obj, "sums", 1, {DType::I32});
+  require_shape(sums, {N});
+  const float* bias = nullptr;
+  if (!bias_obj.is_none()) {
+    Arg b = require(bias_obj, "bias", 1, {DType::F32});
+    require_shape(b, {N});
+    bias = b.data<float>();
+  }
+  Arg o = require(out_obj, "out", 2, {DType::F32, DType::BF16}, /*writable=*/true);
+  require_same_dtype(o, x);
+  require_shape(o, {M, N});
+  const bool simd = g_simd && cpu_features().avx512;
+  int64_t bad_row;
+  {
+    py::gil_scoped_release nogil;
+    if (x.dtype == DType::F32) {
+      bad_row = run(x.data<float>(), M, K, w.data<int8_t>(), N, s.data<float>(), sums.data<int32_t>(), bias,
+                    o.mutable_data<float>(), simd);
+    } else {
+      bad_row = run(x.data<uint16_t>(), M, K, w.data<int8_t>(), N, s.data<float>(), sums.data<int32_t>(), bias,
+                    o.mutable_data<uint16_t>(), simd);
+    }
+  }
+  if (bad_row >= 0) value_error("int8_linear: x row " + std::to_string(bad_row) + " holds a non-finite value");
+}
+
+}  // namespace fastface
