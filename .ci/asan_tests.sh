@@ -13,7 +13,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/fastface-asan.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-cp -r "$repo/csrc" "$repo/fastface" "$repo/kernels" "$repo/tests" "$repo/setup.py" "$repo/pyproject.toml" "$work/"
+cp -r "$repo/csrc" "$repo/fastface" "$repo/tests" "$repo/setup.py" "$repo/pyproject.toml" "$work/"
 find "$work" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
 cd "$work"

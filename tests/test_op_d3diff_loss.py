@@ -7,7 +7,7 @@ Backends (``fastface.backends``), one row each:
   reference  fastface/ops/d3diff.py:d3diff_loss_reference -- the oracle (autograd gives its gradient)
   cpp        csrc/d3diff.cpp through fastface._cpp (CPU, fused forward and backward); skipped when fastface._C is
              not built
-  triton     kernels/d3diff.py, here on CPU tensors under TRITON_INTERPRET=1 (skipped otherwise)
+  triton     fastface/kernels/d3diff.py, here on CPU tensors under TRITON_INTERPRET=1 (skipped otherwise)
 
 Tolerances. Both kernels compute the loss in float32 from the logits as given, so its value matches the float32
 reference to float32 rounding for float32 and bfloat16 logits alike (rtol 1e-5; atol 1e-6, or for cpp 1e-5 of the

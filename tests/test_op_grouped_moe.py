@@ -8,7 +8,7 @@ Backends (``fastface.backends``), one row each:
   torch      fastface/torch_backend.py:grouped_moe_sorted -- each routed expert on its gathered tokens, the shared
              experts as two matmuls; forward only; not bit-exact with the reference (tolerance in ``tolerance``)
   cpp        csrc/grouped_moe.cpp through fastface._cpp (CPU; forward only); skipped when fastface._C is not built
-  triton     kernels/grouped_moe.py (forward and backward); on a CUDA device compiled, on a CPU only under
+  triton     fastface/kernels/grouped_moe.py (forward and backward); on a CUDA device compiled, on a CPU only under
              TRITON_INTERPRET=1 (slow: shapes stay small, and 16-wide blocks make H = 40, F = 24 span ragged tiles)
 
 Sections: the contract, every backend side by side; the reference (per-token loop, routing, load balancing);

@@ -8,7 +8,7 @@ Backends (``fastface.backends``), one row each:
   torch      fastface/torch_backend.py:masked_decode_step_compact -- the sampler's work only at still-masked
              positions, op for op the reference's arithmetic (exact)
   cpp        csrc/masked_decode.cpp through fastface._cpp (CPU); skipped when fastface._C is not built
-  triton     kernels/masked_decode.py, here on CPU tensors under TRITON_INTERPRET=1 (skipped otherwise). The
+  triton     fastface/kernels/masked_decode.py, here on CPU tensors under TRITON_INTERPRET=1 (skipped otherwise). The
              interpreter runs one program per position, so its rows stay small; rows of the cases it would take
              minutes on are skipped with that reason.
 
