@@ -89,7 +89,7 @@ def test_no_import_cycle_in_the_package():
 
 
 def test_op_contracts_and_kernels_import_no_model_or_loop():
-    """ops/, fastface/kernels/ and the C++ wrapper depend on the contracts only, never on the model or the decoding loops."""
+    """ops/, fastface/kernels/ and the C++ wrapper depend on the contracts only, never on the model or the loops."""
     mods = package_modules()
     edges = import_graph(mods)
     above = {"fastface.model", "fastface.sampling", "fastface.engine", "fastface.pipeline", "fastface.decoding",
