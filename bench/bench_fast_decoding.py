@@ -95,35 +95,45 @@ def speed(pipe, contenders, *, batch, steps, guidance, repeats):
     return out
 
 
-def quality(pipe, contenders, *, faces, steps, guidance, batch):
-    """name -> the judge's mean accuracy over prompted attributes (``fastface eval``'s generation score), and the
-    paired difference to exact over the same attribute checks, with its standard error."""
+def attribute_checks(pipe, options, *, faces, steps, guidance, batch):
+    """``fastface eval``'s generation score for one way of drawing: the judge reads the prompted attributes in faces
+    drawn from ``faces`` held-out prompts (fixed prompts and seeds). Returns (correct [checks] float64 -- one entry
+    per prompted attribute, in a fixed order, so two ways of drawing pair up --, mean accuracy, tokens)."""
     from fastface.evaluate import DEFAULT_SEED, attribute_prompts
     from fastface.perception import IGNORE
     from fastface.perception.judge import Judge
     from fastface.perception.train import accuracy_table, held_out_faces, mean_accuracy
 
-    judge = Judge.default()
     held = held_out_faces(faces, DEFAULT_SEED)
     prompts, labels = attribute_prompts(held["attrs"], seed=DEFAULT_SEED, max_words=pipe.config.max_text_len - 3)
-    scored = labels != IGNORE
+    chunks = [pipe.generate_tokens(prompts[i : i + batch], steps=steps, guidance=guidance, seed=DEFAULT_SEED + i,
+                                   **options) for i in range(0, len(prompts), batch)]
+    tokens = torch.cat(chunks)
+    images = pipe.decode_images(tokens)
+    pred = Judge.default().predict_labels(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+    correct = (pred == labels)[labels != IGNORE].astype(np.float64)
+    return correct, float(mean_accuracy(accuracy_table(pred, labels))), tokens
+
+
+def paired_points(correct: np.ndarray, base: np.ndarray) -> dict:
+    """The paired difference of two ``attribute_checks`` in accuracy points, with its standard error."""
+    diff = correct - base
+    se = 100 * float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+    return {"vs_exact_points": round(100 * float(diff.mean()), 2), "se_points": None if se is None else round(se, 2)}
+
+
+def quality(pipe, contenders, *, faces, steps, guidance, batch):
+    """name -> the judge's mean accuracy over prompted attributes (``fastface eval``'s generation score), and the
+    paired difference to exact over the same attribute checks, with its standard error."""
     correct, out = {}, {}
     for k, options in contenders.items():
         if options is None:
             continue  # the reference loop draws exact decoding's tokens
-        images = []
-        for i in range(0, len(prompts), batch):
-            tokens = pipe.generate_tokens(prompts[i : i + batch], steps=steps, guidance=guidance,
-                                          seed=DEFAULT_SEED + i, **options)
-            images += pipe.decode_images(tokens)
-        pred = judge.predict_labels(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        correct[k] = (pred == labels)[scored].astype(np.float64)
-        out[k] = {"accuracy": round(float(mean_accuracy(accuracy_table(pred, labels))), 4)}
+        correct[k], accuracy, _ = attribute_checks(pipe, options, faces=faces, steps=steps, guidance=guidance,
+                                                   batch=batch)
+        out[k] = {"accuracy": round(accuracy, 4)}
     for k, c in correct.items():
-        diff = c - correct["exact"]
-        out[k].update(vs_exact_points=round(100 * float(diff.mean()), 2),
-                      se_points=round(100 * float(diff.std(ddof=1) / np.sqrt(len(diff))), 2) if len(diff) > 1
-                      else None)
+        out[k].update(paired_points(c, correct["exact"]))
     return out
 
 

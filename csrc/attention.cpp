@@ -43,10 +43,6 @@ std::atomic<bool> g_bf16_dot{true};  // false: bf16 inputs widened to fp32 on th
 
 enum class MaskKind { None, Bool, F32, BF16 };
 
-inline float ld(const float* p) { return *p; }
-inline float ld(const uint16_t* p) { return bf16_to_f32(*p); }
-inline void st(float* p, float v) { *p = v; }
-inline void st(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 struct Mask {
   MaskKind kind = MaskKind::None;
@@ -89,14 +85,14 @@ bool task_scalar(const Task<In, Out>& t, const Mask& m, int64_t b, int64_t h, st
     for (int64_t j = 0; j < t.Lk; ++j) {
       const In* k = t.k + j * t.ks;
       float dot = 0.0f;
-      for (int64_t d = 0; d < t.hd; ++d) dot += ld(q + d) * ld(k + d);
+      for (int64_t d = 0; d < t.hd; ++d) dot += load_elem(q + d) * load_elem(k + d);
       s[j] = dot * t.scale + (mrow ? mask_value(m, mrow, j) : 0.0f);
       mx = std::max(mx, s[j]);
     }
     Out* o = t.o + l * t.os;
     if (mx == -std::numeric_limits<float>::infinity()) {
       ok = false;
-      for (int64_t d = 0; d < t.hd; ++d) st(o + d, 0.0f);
+      for (int64_t d = 0; d < t.hd; ++d) store_elem(o + d, 0.0f);
       continue;
     }
     float sum = 0.0f;
@@ -107,10 +103,10 @@ bool task_scalar(const Task<In, Out>& t, const Mask& m, int64_t b, int64_t h, st
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t j = 0; j < t.Lk; ++j) {
       const In* v = t.v + j * t.vs;
-      for (int64_t d = 0; d < t.hd; ++d) acc[d] += s[j] * ld(v + d);
+      for (int64_t d = 0; d < t.hd; ++d) acc[d] += s[j] * load_elem(v + d);
     }
     const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < t.hd; ++d) st(o + d, acc[d] * inv);
+    for (int64_t d = 0; d < t.hd; ++d) store_elem(o + d, acc[d] * inv);
   }
   return ok;
 }
@@ -276,7 +272,7 @@ FF_AVX512 bool softmax_rows(float* s, int64_t nq, int64_t Lk, int64_t Lkp, float
 template <class Out>
 void write_rows(Out* o, int64_t os, int64_t nq, int64_t hd, const float* ob, int64_t hp, const float* inv) {
   for (int64_t i = 0; i < nq; ++i)
-    for (int64_t d = 0; d < hd; ++d) st(o + i * os + d, ob[i * hp + d] * inv[i]);
+    for (int64_t d = 0; d < hd; ++d) store_elem(o + i * os + d, ob[i * hp + d] * inv[i]);
 }
 
 template <class In, class Out>
@@ -292,8 +288,8 @@ FF_AVX512 bool task_avx512(const Task<In, Out>& t, const Mask& m, int64_t b, int
     const In* k = t.k + j * t.ks;
     const In* v = t.v + j * t.vs;
     for (int64_t d = 0; d < hd; ++d) {
-      kt[d * Lkp + j] = ld(k + d);
-      vv[j * hp + d] = ld(v + d);
+      kt[d * Lkp + j] = load_elem(k + d);
+      vv[j * hp + d] = load_elem(v + d);
     }
   }
   bool ok = true;
@@ -301,7 +297,7 @@ FF_AVX512 bool task_avx512(const Task<In, Out>& t, const Mask& m, int64_t b, int
   for (int64_t i0 = 0; i0 < t.L; i0 += kQT) {
     const int64_t nq = std::min(kQT, t.L - i0);
     for (int64_t i = 0; i < nq; ++i)
-      for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = ld(t.q + (i0 + i) * t.qs + d);
+      for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = load_elem(t.q + (i0 + i) * t.qs + d);
     for (int64_t j0 = 0; j0 < Lkp; j0 += 64)
       score_dispatch<F32Ops>(static_cast<int>(std::min<int64_t>(4, (Lkp - j0) / 16)), nq, qf, hd, kt, Lkp, j0, s);
     ok = softmax_rows(s, nq, Lk, Lkp, t.scale, m, b, h, i0, inv) && ok;

@@ -212,6 +212,12 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// One element of a float32 or bfloat16 (uint16_t) array, read as / written from float32 (kernels templated on T).
+inline float load_elem(const float* p) { return *p; }
+inline float load_elem(const uint16_t* p) { return bf16_to_f32(*p); }
+inline void store_elem(float* p, float v) { *p = v; }
+inline void store_elem(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
 // ---------------------------------------------------------------------------------------------
 // runtime CPU features (the build targets baseline x86-64; fast paths are chosen per call)
 // ---------------------------------------------------------------------------------------------

@@ -34,10 +34,6 @@ namespace {
 bool g_vnni = true;
 bool g_simd = true;
 
-inline float ld(const float* p) { return *p; }
-inline float ld(const uint16_t* p) { return bf16_to_f32(*p); }
-inline void st(float* p, float v) { *p = v; }
-inline void st(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 // One row: its scale, and its int8 values plus offset as bytes. False if the row holds a non-finite value.
 template <class T>
@@ -45,14 +41,14 @@ bool quantize_row(const T* x, int64_t K, int32_t offset, uint8_t* q, float* scal
   float amax = 0.0f;
   bool finite = true;
   for (int64_t k = 0; k < K; ++k) {
-    const float v = ld(x + k);
+    const float v = load_elem(x + k);
     finite = finite && std::isfinite(v);
     amax = std::fabs(v) > amax ? std::fabs(v) : amax;
   }
   if (!finite) return false;
   const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
   for (int64_t k = 0; k < K; ++k) {
-    float r = std::nearbyint(ld(x + k) / s);  // round half to even, as torch.round
+    float r = std::nearbyint(load_elem(x + k) / s);  // round half to even, as torch.round
     r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
     q[k] = static_cast<uint8_t>(static_cast<int32_t>(r) + offset);
   }
@@ -128,7 +124,7 @@ void epilogue_scalar(const int32_t* acc, int64_t n, int32_t offset, const int32_
   for (int64_t j = 0; j < n; ++j) {
     volatile float v = static_cast<float>(acc[j] - offset * wsum[j]) * sa;
     v = v * ws[j];
-    st(y + j, bias ? v + bias[j] : static_cast<float>(v));
+    store_elem(y + j, bias ? v + bias[j] : static_cast<float>(v));
   }
 }
 

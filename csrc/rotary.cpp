@@ -21,19 +21,15 @@ namespace {
 
 bool g_simd = true;
 
-inline float ld(const float* p) { return *p; }
-inline float ld(const uint16_t* p) { return bf16_to_f32(*p); }
-inline void st(float* p, float v) { *p = v; }
-inline void st(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 template <class T>
 void row_scalar(const T* x, const float* c, const float* s, int64_t hd, int64_t rd, T* o) {
   const int64_t h = rd / 2;
   for (int64_t j = 0; j < rd; ++j) {
-    const float r = j < h ? -ld(x + j + h) : ld(x + j - h);
-    volatile float p = ld(x + j) * c[j];  // rounded before the sum, as the reference
+    const float r = j < h ? -load_elem(x + j + h) : load_elem(x + j - h);
+    volatile float p = load_elem(x + j) * c[j];  // rounded before the sum, as the reference
     volatile float q = r * s[j];
-    st(o + j, p + q);
+    store_elem(o + j, p + q);
   }
   for (int64_t j = rd; j < hd; ++j) o[j] = x[j];
 }

@@ -16,6 +16,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 DTYPE_NAMES = ("float32", "bfloat16")
+WEIGHT_FORMATS = ("float", "int8")  # fastface.quantization: int8 attention and expert weights, opt-in
 
 
 # --------------------------------------------------------------------------------------------- tensors

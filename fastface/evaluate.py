@@ -34,7 +34,14 @@ import numpy as np
 import torch
 
 from fastface.backends import CHOICES
-from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_nonnegative_int, arg_positive_int, arg_probability
+from fastface.checks import (
+    DTYPE_NAMES,
+    WEIGHT_FORMATS,
+    arg_finite_float,
+    arg_nonnegative_int,
+    arg_positive_int,
+    arg_probability,
+)
 from fastface.data.attributes import ATTRIBUTES
 from fastface.perception import IGNORE
 from fastface.perception.train import accuracy_table, held_out_faces, mean_accuracy
@@ -445,6 +452,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=list(CHOICES),
                         help="kernel backend (auto: the fastest available on this device)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES), help="transformer precision")
+    parser.add_argument("--weights", default="float", choices=list(WEIGHT_FORMATS),
+                        help="attention and expert weights: float, or int8 quantised at load (default: float)")
     parser.add_argument("--num-faces", type=arg_positive_int, default=200, help="held-out faces (default: 200)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"face-world seed of the held-out faces; also seeds prompts and sampling "
@@ -489,7 +498,7 @@ def run(args) -> int:
 
     if args.attributes_per_prompt < 0:
         raise ValueError(f"--attributes-per-prompt must be >= 0, got {args.attributes_per_prompt}")
-    pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
+    pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype, weights=args.weights)
     classifier = None
     if {"generation", "pairs", "edit"} & set(args.parts):
         # --classifier: that attribute classifier alone; by default the judge (fastface.perception.judge)
@@ -502,7 +511,7 @@ def run(args) -> int:
                       threshold=args.threshold, guidance_steps=args.guidance_steps,
                       uncond_refresh=args.uncond_refresh, kv_refresh=args.kv_refresh)
     result["model"] = str(args.model) if args.model else "embedded face-s"
-    result["backend"], result["dtype"] = args.backend, args.dtype
+    result["backend"], result["dtype"], result["weights"] = args.backend, args.dtype, args.weights
     text = markdown_report(result)
     print(text, end="")
     if args.output:

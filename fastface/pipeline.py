@@ -24,6 +24,7 @@ from fastface.checks import (
     MAX_NEW_TOKENS,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
+    WEIGHT_FORMATS,
     check_bounded,
     check_choice,
     check_int,
@@ -34,7 +35,7 @@ from fastface.config import SPECIAL_TOKENS
 from fastface.decoding import Decoder
 from fastface.images import to_rgb
 from fastface.prompts import block_text, mmu_prompt_ids, t2i_prompt_ids, text_block_length
-from fastface.quantization import WEIGHT_FORMATS, quantize_int8
+from fastface.quantization import quantize_int8
 from fastface.tokenizer import encode_text, text_only
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "face-s"

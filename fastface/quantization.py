@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 
 from fastface import ops
+from fastface.checks import WEIGHT_FORMATS  # noqa: F401 - the choices load(weights=) takes
 from fastface.ops.int8 import Int8Weight
 from fastface.ops.int8 import quantize_int8 as quantize_weight
-
-WEIGHT_FORMATS = ("float", "int8")
 
 
 class _Int8Buffers(nn.Module):

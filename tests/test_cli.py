@@ -50,7 +50,22 @@ def test_threshold_and_bf16_run(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_int8_weights_generate_and_answer(tiny_checkpoint, tmp_path, capsys):
+    """--weights int8 draws what the library's int8 pipeline draws, and answers."""
+    tokens = tmp_path / "t.npy"
+    code, _, err = run(["generate", "w1 w2", "--steps", "3", "--seed", "2", "--weights", "int8", "--backend",
+                        "reference", "--model", str(tiny_checkpoint), "--tokens", str(tokens), "--quiet"], capsys)
+    assert code == 0, err
+    import fastface
+
+    pipe = fastface.load(tiny_checkpoint, backend="reference", weights="int8")
+    assert (np.load(tokens) == pipe.generate_tokens(["w1 w2"], steps=3, seed=2).numpy()).all()
+    code, out, err = run(["answer", str(tokens), "w4", "--weights", "int8", "--model", str(tiny_checkpoint)], capsys)
+    assert code == 0 and out.endswith("\n"), err
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["generate", "w1", "--weights", "int4"], "invalid choice"),
     (["generate", "w1", "--steps", "0"], "must be > 0"),
     (["generate", "w1", "--steps", "-2"], "must be > 0"),
     (["generate", "w1", "--steps", "two"], "expected an integer"),

@@ -205,6 +205,10 @@ def test_eval_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["faces"] == 2 and 0.0 <= result["vqa"]["mean"] <= 1.0 and result["psnr"]["psnr_db"] > 0
     assert "mean over attributes" in md.read_text() and "mean over attributes" in capsys.readouterr().out
+    assert (result["backend"], result["dtype"], result["weights"]) == ("reference", "float32", "float")
+    status = cli.main(["eval", "--model", str(ckpt), "--backend", "reference", "--num-faces", "2", "--steps", "2",
+                       "--parts", "vqa", "--questions-per-face", "1", "--weights", "int8", "-o", str(out)])
+    assert status == 0 and json.loads(out.read_text())["weights"] == "int8"
 
 
 def test_generation_with_confidence_threshold_reports_steps_run(tiny_pipe, faces, capsys):

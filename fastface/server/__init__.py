@@ -31,12 +31,14 @@ def create_app(pipe, settings: ServerSettings | None = None):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fastface.backends import CHOICES
-    from fastface.checks import DTYPE_NAMES, arg_finite_float, arg_positive_int
+    from fastface.checks import DTYPE_NAMES, WEIGHT_FORMATS, arg_finite_float, arg_positive_int
 
     defaults = ServerSettings()
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded face model)")
     p.add_argument("--backend", default="auto", choices=list(CHOICES), help="kernels (default: auto)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES), help="precision (default: float32)")
+    p.add_argument("--weights", default="float", choices=list(WEIGHT_FORMATS),
+                   help="attention and expert weights: float, or int8 quantised at load (default: float)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=arg_positive_int, default=8000, help="TCP port (default: 8000)")
@@ -70,7 +72,7 @@ def run(args) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port (1..65535)")
     if args.max_wait_ms < 0:
         raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
-    pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype)
+    pipe = fastface.load(args.model, backend=args.backend, dtype=args.dtype, weights=args.weights)
     settings = ServerSettings(model_name=pipe.config.name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               max_queue=args.max_queue, max_steps=min(args.max_steps, 1024), api_key=api_key)
     app = create_app(pipe, settings)
