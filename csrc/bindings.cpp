@@ -74,7 +74,8 @@ void rotary_set_simd(bool enabled);
 void int8_linear(const py::object& x, const py::object& weight, const py::object& scale, const py::object& sums,
                  const py::object& bias, const py::object& out);
 void int8_linear_set_simd(bool enabled);
-void int8_linear_set_vnni(bool enabled);
+void int8_linear_set_products(const std::string& path);
+std::string int8_linear_products();
 
 // gemm.cpp (the matmul core of grouped_moe.cpp)
 void set_matmul_path(const std::string& path);
@@ -138,8 +139,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("out"),
         "x [M, K] quantised per row to int8, times the packed int8 weight [ceil(N/16), ceil(K/4), 64] with per-row "
         "scale [N] float32 and row sums [N] int32 (+ bias [N] float32), into out [M, N] (x's dtype).");
-  m.def("int8_linear_set_vnni", &fastface::int8_linear_set_vnni, py::arg("enabled"),
-        "False: int8_linear's products run the portable loop even where the CPU has AVX512-VNNI (tests).");
+  m.def("int8_linear_set_products", &fastface::int8_linear_set_products, py::arg("path"),
+        "Force int8_linear's products: 'auto' (the best this CPU has), 'vnni' (AVX512-VNNI), 'avx2' or 'portable' "
+        "(tests and benchmarks); a path this CPU lacks is a ValueError.");
+  m.def("int8_linear_products", &fastface::int8_linear_products, "The products int8_linear runs now.");
 
   // ---- gemm.cpp ----
   m.def("set_matmul_path", &fastface::set_matmul_path, py::arg("path"),

@@ -13,8 +13,9 @@
 // micro-kernel is an outer product: 6 rows x 4 panels (64 features) of int32 accumulators, per k-group 4 weight
 // vectors and 6 broadcast activation quads, 24 vpdpbusd, no horizontal sums; the epilogue works on whole vectors of
 // output features. vpdpbusd multiplies unsigned by signed bytes, so the activations are stored as q + 128 and
-// 128 * sum_k w[n, k] (the weight's row sums, precomputed) comes off each sum. Elsewhere a portable loop over the
-// same layout, activations as signed bytes. Work splits across threads by strips of 64 features x chunks of rows.
+// 128 * sum_k w[n, k] (the weight's row sums, precomputed) comes off each sum. Without VNNI the same layout with the
+// activations as signed bytes: AVX2 (vpmaddubsw / vpmaddwd, see micro_avx2_panel) or a plain loop. Work splits across
+// threads by strips of 64 features x chunks of rows.
 // |acc + 128 sum w| <= 255 * 127 * K must fit int32: K <= 65536.
 
 #include <omp.h>
@@ -31,7 +32,7 @@
 namespace fastface {
 namespace {
 
-bool g_vnni = true;
+int g_products = -1;  // -1: the best this CPU has; else a Products value (tests, benchmarks)
 bool g_simd = true;
 
 
@@ -203,15 +204,68 @@ FF_VNNI void micro_vnni_any(int mr, int np, const uint8_t* a, int64_t lda, const
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FF_AVX2 __attribute__((target("avx2,fma")))
+
+// AVX2: per (row, k-group, 8 features) vpmaddubsw(|a|, w * sign(a)) -- each pair |a| |w| <= 2 * 127 * 127 fits int16,
+// so nothing saturates -- then vpmaddwd by ones sums the pairs into the feature's int32 lane: the same exact sums as
+// vpdpbusd over the same layout, in three instructions. MR rows x one panel (two 8-feature halves).
+template <int MR>
+FF_AVX2 void micro_avx2_panel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* acc) {
+  __m256i lo[MR], hi[MR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < kq; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64 + 32));
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256i av = _mm256_set1_epi32(load_quad(a + i * lda + q * 4));  // signed bytes (offset 0)
+      const __m256i ua = _mm256_abs_epi8(av);                                // |a| <= 127
+      lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(w0, av)), ones));
+      hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(w1, av)), ones));
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * kNP * 16), lo[i]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * kNP * 16 + 8), hi[i]);
+  }
+}
+
+FF_AVX2 void micro_avx2_any(int mr, int np, const uint8_t* a, int64_t lda, const int8_t* w, int64_t ps, int64_t kq,
+                            int32_t* acc) {
+  for (int j = 0; j < np; ++j) {
+    for (int i0 = 0; i0 < mr; i0 += 3) {  // 3 rows: 6 accumulators, 2 weight vectors and temporaries in 16 registers
+      const uint8_t* ai = a + i0 * lda;
+      int32_t* out = acc + i0 * kNP * 16 + j * 16;
+      switch (mr - i0 < 3 ? mr - i0 : 3) {
+        case 3: micro_avx2_panel<3>(ai, lda, w + j * ps, kq, out); break;
+        case 2: micro_avx2_panel<2>(ai, lda, w + j * ps, kq, out); break;
+        default: micro_avx2_panel<1>(ai, lda, w + j * ps, kq, out); break;
+      }
+    }
+  }
+}
+#endif
+
+enum class Products { Portable = 0, Avx2 = 1, Vnni = 2 };
+
+Products choose_products() {
+  if (g_products >= 0) return static_cast<Products>(g_products);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_features().avx512_vnni) return Products::Vnni;
+  if (cpu_features().avx2_fma) return Products::Avx2;
+#endif
+  return Products::Portable;
+}
+
 template <class T>
 int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* ws, const int32_t* wsum,
             const float* bias, T* y, bool simd) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const bool vnni = cpu_features().avx512_vnni && g_vnni;
-#else
-  const bool vnni = false;
-#endif
-  const int32_t offset = vnni ? 128 : 0;
+  const Products products = choose_products();
+  const int32_t offset = products == Products::Vnni ? 128 : 0;
   const int64_t Kp = (K + 3) / 4 * 4, kq = Kp / 4, ps = kq * 64, panels = (N + 15) / 16;
   std::vector<uint8_t> q(static_cast<size_t>(M * Kp));  // padding k: zero weights there, any value works
   std::vector<float> sa(static_cast<size_t>(M));
@@ -240,11 +294,13 @@ int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const 
     alignas(64) int32_t acc[kMR * kNP * 16];
     for (int64_t m = r0; m < r1; m += kMR) {
       const int mr = static_cast<int>(r1 - m < kMR ? r1 - m : kMR);
+      const uint8_t* a = q.data() + m * Kp;
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (vnni) micro_vnni_any(mr, np, q.data() + m * Kp, Kp, w + p0 * ps, ps, kq, acc);
+      if (products == Products::Vnni) micro_vnni_any(mr, np, a, Kp, w + p0 * ps, ps, kq, acc);
+      else if (products == Products::Avx2) micro_avx2_any(mr, np, a, Kp, w + p0 * ps, ps, kq, acc);
       else
 #endif
-        micro_portable(mr, np, q.data() + m * Kp, Kp, w + p0 * ps, ps, kq, acc);
+        micro_portable(mr, np, a, Kp, w + p0 * ps, ps, kq, acc);
       for (int i = 0; i < mr; ++i) {
         const int32_t* a = acc + i * kNP * 16;
         T* out = y + (m + i) * N + n0;
@@ -265,7 +321,23 @@ int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const 
 }  // namespace
 
 void int8_linear_set_simd(bool enabled) { g_simd = enabled; }
-void int8_linear_set_vnni(bool enabled) { g_vnni = enabled; }
+void int8_linear_set_products(const std::string& path) {
+  const CpuFeatures& f = cpu_features();
+  if (path == "auto") g_products = -1;
+  else if (path == "portable") g_products = static_cast<int>(Products::Portable);
+  else if (path == "avx2" && f.avx2_fma) g_products = static_cast<int>(Products::Avx2);
+  else if (path == "vnni" && f.avx512_vnni) g_products = static_cast<int>(Products::Vnni);
+  else if (path == "avx2" || path == "vnni") value_error("int8_linear: this CPU has no " + path + " products");
+  else value_error("path must be one of 'auto', 'vnni', 'avx2', 'portable', got '" + path + "'");
+}
+
+std::string int8_linear_products() {
+  switch (choose_products()) {
+    case Products::Vnni: return "vnni";
+    case Products::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 void int8_linear(const py::object& x_obj, const py::object& w_obj, const py::object& scale_obj,
                  const py::object& sums_obj, const py::object& bias_obj, const py::object& out_obj) {

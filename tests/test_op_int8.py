@@ -1,6 +1,6 @@
 """The op ``fastface.ops.int8_linear`` (fastface/ops/int8.py): the quantiser and packed layout, the reference against
 PyTorch's exact int8 matmul (``torch._int_mm``) and against the float layer, and the C++ kernel bitwise against the
-reference on every path (AVX512-VNNI products, the portable loop; SIMD and scalar quantisation and epilogue), odd
+reference on every path (AVX512-VNNI, AVX2 and portable products; SIMD and scalar quantisation and epilogue), odd
 shapes, both dtypes, with and without bias; bad arguments rejected before memory is touched."""
 
 from __future__ import annotations
@@ -31,16 +31,24 @@ def make(M, K, N, dtype=torch.float32, seed=0, bias=True):
     return x, w, b
 
 
-@pytest.fixture(params=["vnni", "portable-products", "portable"])
+# name -> (products, SIMD quantisation and epilogue); "avx2" is what an AVX2-only CPU runs
+PATHS = {"vnni": ("vnni", True), "avx2": ("avx2", False), "portable-products": ("portable", True),
+         "portable": ("portable", False)}
+
+
+@pytest.fixture(params=list(PATHS))
 def path(request):
-    """The kernel's paths: VNNI products with AVX-512 quantisation and epilogue; the portable product loop with the
-    AVX-512 rest; everything portable."""
-    if request.param == "vnni" and not _C.cpu_features()["avx512_vnni"]:
-        pytest.skip("this CPU has no AVX512-VNNI")
-    _C.int8_linear_set_vnni(request.param == "vnni")
-    _C.set_simd_kernels(request.param != "portable")
+    """The kernel's paths: AVX512-VNNI products with AVX-512 quantisation and epilogue; AVX2 products with the
+    portable rest (an AVX2-only CPU); the portable product loop with the AVX-512 rest; everything portable."""
+    products, simd = PATHS[request.param]
+    feature = {"vnni": "avx512_vnni", "avx2": "avx2_fma"}.get(products)
+    if feature and not _C.cpu_features()[feature]:
+        pytest.skip(f"this CPU has no {feature}")
+    _C.int8_linear_set_products(products)
+    _C.set_simd_kernels(simd)
+    assert _C.int8_linear_products() == products
     yield request.param
-    _C.int8_linear_set_vnni(True)
+    _C.int8_linear_set_products("auto")
     _C.set_simd_kernels(True)
 
 
@@ -239,6 +247,19 @@ def test_cpp_int8_linear_binding_validates_before_touching_memory():
     x[1, 3] = np.nan
     with pytest.raises(ValueError, match="x row 1"):
         _C.int8_linear(**args)
+
+
+@needs_cpp
+def test_cpp_int8_linear_products_are_chosen_from_the_cpu_and_forcing_checks_them():
+    f = _C.cpu_features()
+    assert _C.int8_linear_products() == ("vnni" if f["avx512_vnni"] else "avx2" if f["avx2_fma"] else "portable")
+    with pytest.raises(ValueError, match="'auto', 'vnni', 'avx2', 'portable'"):
+        _C.int8_linear_set_products("amx")
+    for products, feature in (("vnni", "avx512_vnni"), ("avx2", "avx2_fma")):
+        if not f[feature]:
+            with pytest.raises(ValueError, match=f"no {products}"):
+                _C.int8_linear_set_products(products)
+    assert _C.int8_linear_products() in ("vnni", "avx2", "portable")
 
 
 @needs_cpp

@@ -11,7 +11,7 @@ Weights: each output row n gets ``scale[n] = amax_k |w[n, k]| / 127`` and ``q[n,
 ``y[m, n] = float(sum_k qx[m, k] q[n, k]) * sx[m] * scale[n] (+ bias[n])``: the integer sums are exact, then each
 float operation is rounded in that order and the result once to x's dtype. The reference below does exactly that
 (its sums in float64, exact for K <= 65536), so a kernel is tested bitwise against it; the C++ kernel
-(csrc/int8_linear.cpp: AVX512-VNNI products, and a portable loop elsewhere) is, on every path.
+(csrc/int8_linear.cpp: AVX512-VNNI or AVX2 products, a portable loop elsewhere) is, on every path.
 
 This is an approximation of the float layer (about 0.5-1% relative error per matmul at these widths); its effect on
 generated faces is measured in bench/bench_int8.py. Nothing here imports the model.
