@@ -14,7 +14,8 @@ def test_bench_fast_decoding_quick(tmp_path):
     assert bench_fast_decoding.main(["--quick", "--random", "--threads", "1", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["results"]
-    assert set(rows) == {"exact", "reference loop", "guidance 2 of 4 steps", "kv refresh every 2"}
+    assert set(rows) == {"exact", "reference loop", "guidance 2 of 4 steps", "kv refresh every 2", "int8 weights"}
+    assert rows["int8 weights"]["work"] == 1.0 and result["dtype"] == "float32"
     assert rows["exact"]["work"] == 1.0 and rows["exact"]["vs_exact"] == 1.0
     assert rows["guidance 2 of 4 steps"]["work"] == 0.75  # 2 of 4 steps at half the rows
     assert 0 < rows["kv refresh every 2"]["work"] < 1
