@@ -9,7 +9,9 @@ Three implementations of the same decoding, each case in its own process (so its
   for the cond and uncond rows, the LM head over the whole vocabulary at every position, then softmax,
   multinomial, confidence gather and Gumbel top-k masking with its compounding temperature (the peer);
 - ``reference`` -- fastface's reference loop (``fastface.sampling.generate_image_tokens``);
-- ``auto`` -- fastface's engine with the fastest backends here (``Decoder(model, "auto")``).
+- ``auto`` -- fastface's engine with the fastest backends here (``Decoder(model, "auto")``);
+- ``auto-int8`` -- the same with int8 attention, expert and MLP weights (``fastface.quantization``; opt-in, an
+  approximation: its quality is measured on the embedded model by bench/bench_int8.py).
 
 bf16 where the CPU has bf16 dot-product or matrix instructions (AVX512-BF16, AMX), float32 otherwise. Per case:
 image tokens/s over the whole decode (after a one-step warm-up), seconds, and the process's peak resident memory.
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_common import RESULTS, gemm_gflops, machine_info  # noqa: E402
 
-IMPLS = ("showo-loop", "reference", "auto")
+IMPLS = ("showo-loop", "reference", "auto", "auto-int8")
 
 
 def build(preset: str, dtype: torch.dtype):
@@ -114,6 +116,10 @@ def run_case(preset: str, impl: str, batch: int, steps: int, guidance: float, dt
         def decode(n):
             return generate_image_tokens(model, ids, steps=n, guidance=guidance, seeds=seeds, backend="reference")
     else:
+        if impl == "auto-int8":
+            from fastface.quantization import quantize_int8
+
+            quantize_int8(model)
         decoder = Decoder(model, "auto")
 
         def decode(n):

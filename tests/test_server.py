@@ -328,3 +328,17 @@ def test_responses_are_json(server):
     r = _post(server, "/v1/images/generations", {"prompt": "a man", "steps": 1, "seed": 0})
     assert r.headers["content-type"].startswith("application/json")
     json.loads(r.text)
+
+
+def test_an_int8_server_draws_what_the_int8_library_draws():
+    pipe8 = fastface.load(weights="int8")
+    live = LiveServer(create_app(pipe8, ServerSettings(max_batch=4, max_wait_ms=10, max_steps=8)))
+    try:
+        r = httpx.post(live.url + "/v1/images/generations", json={"prompt": "a bald man", "seed": 3, "steps": 3},
+                       timeout=120)
+    finally:
+        live.stop()
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    want = pipe8.generate(["a bald man"], steps=3, seed=3)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
