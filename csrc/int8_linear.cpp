@@ -207,6 +207,87 @@ FF_VNNI void micro_vnni_any(int mr, int np, const uint8_t* a, int64_t lda, const
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FF_AVX2 __attribute__((target("avx2,fma")))
 
+template <class T>
+FF_AVX2 inline __m256 load8(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));  // bf16 -> f32: exact
+  } else {
+    return _mm256_loadu_ps(p);
+  }
+}
+
+// quantize_row with 8 lanes (the tail, K % 8, by the scalar operations): the same max, division and rounding.
+template <class T>
+FF_AVX2 bool quantize_row_avx2(const T* x, int64_t K, int32_t offset, uint8_t* q, float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inf = _mm256_set1_ps(INFINITY);
+  __m256 amax = _mm256_setzero_ps();
+  int bad = 0;
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 a = _mm256_and_ps(load8(x + k), abs_mask);
+    bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    amax = _mm256_max_ps(amax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float am = 0.0f;
+  for (float v : lanes) am = v > am ? v : am;
+  for (int64_t k = K8; k < K; ++k) {
+    const float v = std::fabs(load_elem(x + k));
+    bad |= !(v < INFINITY);
+    am = v > am ? v : am;
+  }
+  if (bad) return false;
+  const float s = am > 0.0f ? am / 127.0f : 1.0f;
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127), off = _mm256_set1_epi32(offset);
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(load8(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), lo), hi), off);
+    const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));  // -127..255
+    const __m128i v8 = offset ? _mm_packus_epi16(v16, v16) : _mm_packs_epi16(v16, v16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), v8);
+  }
+  for (int64_t k = K8; k < K; ++k) {
+    float r = std::nearbyint(load_elem(x + k) / s);
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    q[k] = static_cast<uint8_t>(static_cast<int32_t>(r) + offset);
+  }
+  *scale = s;
+  return true;
+}
+
+// epilogue_scalar with 8 lanes, the same operations in the same order (the tail by the scalar loop).
+template <class T>
+FF_AVX2 void epilogue_avx2(const int32_t* acc, int64_t n, int32_t offset, const int32_t* wsum, float sa,
+                           const float* ws, const float* bias, T* y) {
+  const __m256 sav = _mm256_set1_ps(sa);
+  const __m256i off = _mm256_set1_epi32(offset);
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)),
+                                       _mm256_mullo_epi32(off, _mm256_loadu_si256(
+                                                                   reinterpret_cast<const __m256i*>(wsum + j))));
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), sav);
+    v = _mm256_mul_ps(v, _mm256_loadu_ps(ws + j));
+    if (bias) {
+      __asm__("" : "+x"(v));  // no FMA contraction: the reference rounds the product
+      v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    }
+    if constexpr (sizeof(T) == 4) {
+      _mm256_storeu_ps(y + j, v);
+    } else {
+      __m256i u = _mm256_castps_si256(v);  // round to nearest even (finite: the inputs were checked)
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
+                       _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    }
+  }
+  if (n8 < n) epilogue_scalar(acc + n8, n - n8, offset, wsum + n8, sa, ws + n8, bias ? bias + n8 : nullptr, y + n8);
+}
+
 // AVX2: per (row, k-group, 8 features) vpmaddubsw(|a|, w * sign(a)) -- each pair |a| |w| <= 2 * 127 * 127 fits int16,
 // so nothing saturates -- then vpmaddwd by ones sums the pairs into the feature's int32 lane: the same exact sums as
 // vpdpbusd over the same layout, in three instructions. MR rows x one panel (two 8-feature halves).
@@ -261,10 +342,22 @@ Products choose_products() {
   return Products::Portable;
 }
 
+// The quantisation and epilogue: AVX-512 where the CPU has it, AVX2 beside AVX2 products (there they are what an
+// AVX2-only CPU runs), scalar when SIMD kernels are off (tests) or the CPU has neither.
+enum class Helpers { Scalar, Avx2, Avx512 };
+
+Helpers choose_helpers(Products products, bool simd) {
+  const CpuFeatures& f = cpu_features();
+  if (!simd) return Helpers::Scalar;
+  if (f.avx512 && products != Products::Avx2) return Helpers::Avx512;
+  return f.avx2_fma ? Helpers::Avx2 : Helpers::Scalar;
+}
+
 template <class T>
 int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* ws, const int32_t* wsum,
             const float* bias, T* y, bool simd) {
   const Products products = choose_products();
+  const Helpers helpers = choose_helpers(products, simd);
   const int32_t offset = products == Products::Vnni ? 128 : 0;
   const int64_t Kp = (K + 3) / 4 * 4, kq = Kp / 4, ps = kq * 64, panels = (N + 15) / 16;
   std::vector<uint8_t> q(static_cast<size_t>(M * Kp));  // padding k: zero weights there, any value works
@@ -274,7 +367,8 @@ int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const 
   for (int64_t m = 0; m < M; ++m) {
     bool ok;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (simd) ok = quantize_row_avx512(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
+    if (helpers == Helpers::Avx512) ok = quantize_row_avx512(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
+    else if (helpers == Helpers::Avx2) ok = quantize_row_avx2(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
     else
 #endif
       ok = quantize_row(x + m * K, K, offset, q.data() + m * Kp, sa.data() + m);
@@ -306,8 +400,12 @@ int64_t run(const T* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const 
         T* out = y + (m + i) * N + n0;
         const float* b = bias ? bias + n0 : nullptr;
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (simd) {
+        if (helpers == Helpers::Avx512) {
           epilogue_avx512(a, nn, offset, wsum + n0, sa[m + i], ws + n0, b, out);
+          continue;
+        }
+        if (helpers == Helpers::Avx2) {
+          epilogue_avx2(a, nn, offset, wsum + n0, sa[m + i], ws + n0, b, out);
           continue;
         }
 #endif
@@ -360,7 +458,7 @@ void int8_linear(const py::object& x_obj, const py::object& w_obj, const py::obj
   Arg o = require(out_obj, "out", 2, {DType::F32, DType::BF16}, /*writable=*/true);
   require_same_dtype(o, x);
   require_shape(o, {M, N});
-  const bool simd = g_simd && cpu_features().avx512;
+  const bool simd = g_simd;
   int64_t bad_row;
   {
     py::gil_scoped_release nogil;

@@ -31,15 +31,17 @@ def make(M, K, N, dtype=torch.float32, seed=0, bias=True):
     return x, w, b
 
 
-# name -> (products, SIMD quantisation and epilogue); "avx2" is what an AVX2-only CPU runs
-PATHS = {"vnni": ("vnni", True), "avx2": ("avx2", False), "portable-products": ("portable", True),
-         "portable": ("portable", False)}
+# name -> (products, SIMD quantisation and epilogue); "avx2" is what an AVX2-only CPU runs (AVX2 products, AVX2
+# quantisation and epilogue, also on a CPU with AVX-512)
+PATHS = {"vnni": ("vnni", True), "avx2": ("avx2", True), "avx2-scalar": ("avx2", False),
+         "portable-products": ("portable", True), "portable": ("portable", False)}
 
 
 @pytest.fixture(params=list(PATHS))
 def path(request):
-    """The kernel's paths: AVX512-VNNI products with AVX-512 quantisation and epilogue; AVX2 products with the
-    portable rest (an AVX2-only CPU); the portable product loop with the AVX-512 rest; everything portable."""
+    """The kernel's paths: AVX512-VNNI products with AVX-512 quantisation and epilogue; AVX2 products with AVX2
+    quantisation and epilogue (an AVX2-only CPU), and with scalar ones; the portable product loop with the best
+    quantisation and epilogue here; everything portable."""
     products, simd = PATHS[request.param]
     feature = {"vnni": "avx512_vnni", "avx2": "avx2_fma"}.get(products)
     if feature and not _C.cpu_features()[feature]:
@@ -206,6 +208,17 @@ def test_int8_linear_rejects_a_non_finite_input_row(backend):
     x[4, 2] = float("inf")
     with pytest.raises(ValueError, match="x row 4 holds a non-finite value"):
         ops.int8_linear(x, ops.quantize_int8(w), b, backend=backend)
+
+
+@needs_cpp
+@pytest.mark.parametrize("where", [2, 12, 15])  # in a full SIMD chunk, in the K % 8 tail, in the K % 16 tail
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_cpp_int8_linear_finds_the_first_non_finite_row_on_every_path(path, where, value):
+    x, w, b = make(6, 16 if where == 15 else 13, 5)
+    x[3, where] = value
+    x[5, 0] = value
+    with pytest.raises(ValueError, match="x row 3 holds a non-finite value"):
+        ops.int8_linear(x, ops.quantize_int8(w), b, backend="cpp")
 
 
 def test_int8_linear_refuses_gradients():
