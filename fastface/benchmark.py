@@ -74,11 +74,23 @@ def load_subject(model_path: str | None, preset: str | None, dtypes) -> Subject:
     return Subject(models, config, image_tokenizer, tokenizer, source)
 
 
-def _model_for(subject: Subject, backend: str, dtype: str):
-    """The model a (backend, dtype) contender runs, as the pipeline would load it (``backends.math_dtype``): for
-    bfloat16 weights that run float32 math, the bf16 weights upcast (made once)."""
+def _model_for(subject: Subject, backend: str, dtype: str, weights: str = "float"):
+    """The model a (backend, dtype, weights) contender runs, as the pipeline would load it
+    (``backends.math_dtype``): for bfloat16 weights that run float32 math, the bf16 weights upcast; for int8
+    weights, that model quantised (``fastface.quantization``). Each made once."""
     from fastface import backends
 
+    if weights == "int8":
+        key = f"{dtype}-{backend}-int8"
+        if key not in subject.models:
+            import copy
+
+            from fastface.quantization import quantize_int8
+
+            model = copy.deepcopy(_model_for(subject, backend, dtype))
+            quantize_int8(model)
+            subject.models[key] = model
+        return subject.models[key]
     if backends.math_dtype(dtype, backend) == dtype:
         return subject.models[dtype]
     key = f"{dtype}-as-float32"
@@ -176,65 +188,72 @@ def usable_backends(requested) -> list[str]:
     return out
 
 
-def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, repeats, warmup, answer=True,
-              breakdown=True, reference_dtypes=("float32",), progress=None) -> list[dict]:
-    """Every (task, backend, dtype, batch) case: a list of result dicts.
+def contenders_of(backends_, dtypes, weights=("float",), reference_dtypes=("float32",)) -> list[tuple]:
+    """The (backend, dtype, weights) contenders of a case: the reference in float32 with float weights only."""
+    return [(backend, dtype, w) for backend in backends_ for dtype in dtypes for w in weights
+            if not (backend == "reference" and (dtype not in reference_dtypes or w != "float"))]
 
-    The contenders of one (task, batch) -- every backend and dtype -- are timed in turn, repeat by repeat, and
-    each one's speed-up over the float32 reference is the median of the per-repeat ratios, with their spread.
+
+def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, repeats, warmup, answer=True,
+              breakdown=True, reference_dtypes=("float32",), progress=None, weights=("float",)) -> list[dict]:
+    """Every (task, backend, dtype, weights, batch) case: a list of result dicts.
+
+    The contenders of one (task, batch) -- every backend, dtype and weight format -- are timed in turn, repeat by
+    repeat, and each one's speed-up over the float32 reference is the median of the per-repeat ratios, with their
+    spread.
     """
     cfg = subject.config
-    contenders = [(backend, dtype) for backend in backends_ for dtype in dtypes
-                  if not (backend == "reference" and dtype not in reference_dtypes)]
+    contenders = contenders_of(backends_, dtypes, weights, reference_dtypes)
     results = []
     for batch in batches:
         ids, seeds = prompt_ids(cfg, batch), list(range(batch))
         holders, gens = {}, {}
-        for backend, dtype in contenders:
-            model = _model_for(subject, backend, dtype)
+        for c in contenders:
+            model = _model_for(subject, *c)
             for _ in range(warmup):
-                _generate(model, backend, ids, min(steps, 2), guidance, seeds)
-            holders[backend, dtype] = holder = {}
+                _generate(model, c[0], ids, min(steps, 2), guidance, seeds)
+            holders[c] = holder = {}
 
-            def gen(model=model, backend=backend, holder=holder, ids=ids, seeds=seeds):
+            def gen(model=model, backend=c[0], holder=holder, ids=ids, seeds=seeds):
                 holder["tokens"] = _generate(model, backend, ids, steps, guidance, seeds)
 
-            gens[backend, dtype] = gen
+            gens[c] = gen
         times = _time_in_turn(gens, repeats)
         rows = []
-        for (backend, dtype), secs in times.items():
-            row = dict(task="generate", backend=backend, dtype=dtype, batch=batch, steps=steps, guidance=guidance,
-                       math_dtype=str(_model_for(subject, backend, dtype).dtype).removeprefix("torch."),
+        for (backend, dtype, w), secs in times.items():
+            model = _model_for(subject, backend, dtype, w)
+            row = dict(task="generate", backend=backend, dtype=dtype, weights=w, batch=batch, steps=steps,
+                       guidance=guidance, math_dtype=str(model.dtype).removeprefix("torch."),
                        **_summary(secs, batch * cfg.image_tokens))
             row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
             if breakdown and backend != "reference":
-                row["breakdown_s"] = _generate_breakdown(subject, _model_for(subject, backend, dtype), backend, ids,
-                                                         steps, guidance, seeds, holders[backend, dtype]["tokens"])
+                row["breakdown_s"] = _generate_breakdown(subject, model, backend, ids, steps, guidance, seeds,
+                                                         holders[backend, dtype, w]["tokens"])
             rows.append(row)
         if answer:
             qids, max_new = question_ids(cfg, batch), cfg.max_answer_len
             outs, answers = {}, {}
-            for backend, dtype in contenders:
-                model = _model_for(subject, backend, dtype)
+            for c in contenders:
+                model = _model_for(subject, *c)
                 for _ in range(warmup):
-                    _answer(model, backend, qids, max_new)
-                outs[backend, dtype] = out = {}
+                    _answer(model, c[0], qids, max_new)
+                outs[c] = out = {}
 
-                def ans(model=model, backend=backend, out=out, qids=qids, max_new=max_new):
+                def ans(model=model, backend=c[0], out=out, qids=qids, max_new=max_new):
                     out["a"] = _answer(model, backend, qids, max_new)
 
-                answers[backend, dtype] = ans
+                answers[c] = ans
             times = _time_in_turn(answers, repeats)
-            for (backend, dtype), secs in times.items():
-                produced = sum(len(a) for a in outs[backend, dtype]["a"])
-                row = dict(task="answer", backend=backend, dtype=dtype, batch=batch, max_new_tokens=max_new,
-                           prompt_tokens=int(qids.numel()), **_summary(secs, max(produced, 1)))
+            for (backend, dtype, w), secs in times.items():
+                produced = sum(len(a) for a in outs[backend, dtype, w]["a"])
+                row = dict(task="answer", backend=backend, dtype=dtype, weights=w, batch=batch,
+                           max_new_tokens=max_new, prompt_tokens=int(qids.numel()), **_summary(secs, max(produced, 1)))
                 row["latency_per_request_s"] = row["median_s"]
                 if breakdown and backend != "reference":
                     from fastface.profiling import Timers
 
                     timers = Timers()
-                    _answer(_model_for(subject, backend, dtype), backend, qids, max_new, timers=timers)
+                    _answer(_model_for(subject, backend, dtype, w), backend, qids, max_new, timers=timers)
                     row["breakdown_s"] = {k: round(v, 5) for k, v in timers.seconds.items()}
                 rows.append(row)
         _add_speedups(rows)
@@ -267,7 +286,8 @@ def _generate_breakdown(subject, model, backend, ids, steps, guidance, seeds, to
 def _add_speedups(rows):
     """Per row, the float32 reference's seconds over the row's, repeat by repeat (the repeats were run in turn):
     ``speedup_vs_reference`` is their median, ``speedup_spread`` their (min, max)."""
-    ref = {r["task"]: r["seconds"] for r in rows if r["backend"] == "reference" and r["dtype"] == "float32"}
+    ref = {r["task"]: r["seconds"] for r in rows if r["backend"] == "reference" and r["dtype"] == "float32"
+           and r.get("weights", "float") == "float"}
     for r in rows:
         base = ref.get(r["task"])
         if base:
@@ -353,24 +373,31 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeat: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def label(row: dict) -> str:
+    """'backend dtype', with ' int8' for int8 weights."""
+    w = row.get("weights", "float")
+    return f"{row['backend']} {row['dtype']}" + ("" if w == "float" else f" {w}")
+
+
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'task':9} {'backend':10} {'dtype':9} {'batch':>5} {'tokens/s':>10} {'spread':>17} "
+    lines = [f"{'task':9} {'backend':10} {'dtype':9} {'weights':7} {'batch':>5} {'tokens/s':>10} {'spread':>17} "
              f"{'latency s':>10} {'x ref':>6} {'x ref spread':>13}"]
     for r in results:
         lo, hi = r["tokens_per_s_spread"]
         s_lo, s_hi = r.get("speedup_spread", (float("nan"), float("nan")))
-        lines.append(f"{r['task']:9} {r['backend']:10} {r['dtype']:9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
+        lines.append(f"{r['task']:9} {r['backend']:10} {r['dtype']:9} {r.get('weights', 'float'):7} {r['batch']:>5} "
+                     f"{r['tokens_per_s']:>10.1f} "
                      f"{f'{lo:.1f}-{hi:.1f}':>17} {r['latency_per_request_s']:>10.3f} "
                      f"{r.get('speedup_vs_reference', float('nan')):>6.2f} {f'{s_lo:.2f}-{s_hi:.2f}':>13}")
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path, task: str = "generate"):
-    """tokens/s against batch, one line per (backend, dtype); matplotlib when installed, else drawn with PIL."""
+    """tokens/s against batch, one line per (backend, dtype, weights); matplotlib if installed, else PIL."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if r["task"] == task:
-            series.setdefault(f"{r['backend']} {r['dtype']}", []).append((r["batch"], r["tokens_per_s"]))
+            series.setdefault(label(r), []).append((r["batch"], r["tokens_per_s"]))
     for pts in series.values():
         pts.sort()
     unit = "image tokens/s" if task == "generate" else "text tokens/s"
@@ -447,6 +474,7 @@ def add_arguments(p: argparse.ArgumentParser):
     from fastface.backends import CHOICES
     from fastface.checks import (
         DTYPE_NAMES,
+        WEIGHT_FORMATS,
         arg_finite_float,
         arg_nonnegative_int,
         arg_positive_int,
@@ -467,6 +495,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="backends to compare (default: reference auto); unusable ones are skipped")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_NAMES),
                    help="transformer precisions (default: float32 bfloat16; the reference runs in float32)")
+    p.add_argument("--weights", nargs="+", default=["float"], choices=list(WEIGHT_FORMATS),
+                   help="weight formats of the engine backends: float, int8 (fastface.quantization; opt-in, an "
+                   "approximation) (default: float; the reference runs float weights)")
     p.add_argument("--repeats", type=arg_positive_int, default=3, help="timed runs per case (default: 3)")
     p.add_argument("--warmup", type=arg_nonnegative_int, default=1,
                    help="untimed short runs per case first (default: 1)")
@@ -489,7 +520,7 @@ def run(args) -> int:
         raise ValueError(f"none of the backends {args.backends} can run on this machine")
     subject = load_subject(args.model, args.preset, args.dtypes)
     engine_backends = [b for b in backends_ if b != "reference"]
-    n_cases = sum(len(args.batch) * (1 if b == "reference" else len(args.dtypes)) for b in backends_)
+    n_cases = len(args.batch) * len(contenders_of(backends_, args.dtypes, args.weights))
     n_cases *= 1 if args.no_answer else 2
     info = machine_info()
     bar = tqdm(total=n_cases, desc="bench", unit="case", file=sys.stderr, delay=1.0)
@@ -501,12 +532,12 @@ def run(args) -> int:
         if args.json:  # written after every case, so an interrupted run keeps what it measured
             Path(args.json).write_text(json.dumps(dict(machine=info, partial=True, results=partial), indent=2))
         bar.update(1)
-        bar.set_postfix_str(f"{row['task']} {row['backend']} {row['dtype']} b{row['batch']}: "
+        bar.set_postfix_str(f"{row['task']} {label(row)} b{row['batch']}: "
                             f"{row['tokens_per_s']:.0f} tok/s")
 
     results = run_cases(subject, backends_=backends_, dtypes=args.dtypes, batches=args.batch, steps=args.steps,
                         guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, answer=not args.no_answer,
-                        progress=progress)
+                        progress=progress, weights=args.weights)
     bar.close()
     report = dict(machine=info, model=subject.source, config=subject.config.to_dict(), results=results)
     if engine_backends and args.thresholds:
@@ -525,7 +556,7 @@ def run(args) -> int:
         if "breakdown_s" in r and r["task"] == "generate":
             total = sum(r["breakdown_s"].values())
             parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in r["breakdown_s"].items())
-            print(f"breakdown {r['backend']} {r['dtype']} b{r['batch']}: {parts}")
+            print(f"breakdown {label(r)} b{r['batch']}: {parts}")
     for row in report.get("threshold_decoding", []):
         print(f"threshold {row['threshold']}: {row['steps_run']}/{row['steps']} steps, "
               f"agreement with the schedule {row['token_agreement_with_schedule']:.3f}")

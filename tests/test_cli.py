@@ -147,6 +147,20 @@ def test_bench_writes_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     assert "generate" in stdout and "reference" in stdout
 
 
+def test_bench_weights_int8_is_a_contender_beside_float(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(["bench", "--model", str(tiny_checkpoint), "--batch", "2", "--steps", "2", "--repeats",
+                             "1", "--warmup", "0", "--dtypes", "float32", "--weights", "float", "int8",
+                             "--thresholds", "--json", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["results"]
+    got = {(r["task"], r["backend"], r["weights"]) for r in rows}
+    assert got == {(t, b, w) for t in ("generate", "answer") for b, w in
+                   (("reference", "float"), ("auto", "float"), ("auto", "int8"))}
+    assert all("speedup_vs_reference" in r for r in rows)
+    assert "int8" in stdout
+
+
 def test_bench_preset_is_honoured_beside_the_embedded_model(tmp_path, capsys):
     """--preset NAME benchmarks random weights of that shape even though the embedded model is installed."""
     out = tmp_path / "bench.json"
