@@ -215,6 +215,12 @@ class BlockContext:
     backend: str | None = None
 
 
+def project(layer, x, backend: str):
+    """A linear layer of the model on x: an ``nn.Linear``, or its int8 replacement (``fastface.quantization``),
+    which runs ``ops.int8_linear`` with this call's backend."""
+    return layer(x) if isinstance(layer, nn.Linear) else layer(x, backend=backend)
+
+
 class Attention(nn.Module):
     def __init__(self, config: FaceConfig):
         super().__init__()
@@ -232,14 +238,14 @@ class Attention(nn.Module):
         if cos.shape[-1] != rd:
             raise ValueError(f"rotary tables are {cos.shape[-1]} wide, this model rotates {rd} dims of each head "
                              f"(build them with FaceTransformer.rotary)")
-        qkv = self.qkv(x).view(B, L, 3, nh, hd)
+        qkv = project(self.qkv, x, backend or self.backend).view(B, L, 3, nh, hd)
         # q and k rotate together, in the projection's [B, L, ·, nh, hd] layout (partial rotary: the first rd dims)
         qk = ops.rotary(qkv[:, :, :2], cos, sin, backend=backend or self.backend)  # [B, L, 2, nh, hd]
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if kv is not None:
             k, v = kv.update(layer, k, v)  # [B, nh, Lk, hd]
         y = ops.attention(q, k, v, mask, backend=backend or self.backend)  # [B, nh, L, hd]
-        return self.out(y.transpose(1, 2).reshape(B, L, H))
+        return project(self.out, y.transpose(1, 2).reshape(B, L, H), backend or self.backend)
 
 
 class TokenMoE(nn.Module):
@@ -267,7 +273,8 @@ class TokenMoE(nn.Module):
         B, L, H = x.shape
         if self.experts8 is not None:
             out = self.experts8(x.reshape(B * L, H), groups, self.router_weight, top_k=self.config.top_k,
-                                normalize_topk=self.config.normalize_topk, return_router_logits=router_logits)
+                                normalize_topk=self.config.normalize_topk, return_router_logits=router_logits,
+                                backend=backend or self.backend)
             y, logits = out if router_logits else (out, None)
             return y.view(B, L, H), logits
         out = ops.grouped_moe(
@@ -296,11 +303,14 @@ class DenseMLP(nn.Module):
             self.fc1 = nn.Linear(H, Fd, bias=bias)
             self.fc2 = nn.Linear(Fd, H, bias=bias)
 
-    def forward(self, x):
-        """x [B, L, H] -> [B, L, H]."""
+    backend = "auto"  # of int8 layers, once fastface.quantization has replaced the linear ones
+
+    def forward(self, x, backend: str | None = None):
+        """x [B, L, H] -> [B, L, H]; ``backend``: of int8 layers for this call (None: the module's own)."""
+        b = backend or self.backend
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+            return project(self.down_proj, F.silu(project(self.gate_proj, x, b)) * project(self.up_proj, x, b), b)
+        return project(self.fc2, F.gelu(project(self.fc1, x, b), approximate="tanh"), b)
 
 
 @dataclass
@@ -410,7 +420,7 @@ class Block(nn.Module):
         """h [B, L, H] -> (MLP output [B, L, H], token router logits or None)."""
         if self.moe is not None:
             return self.moe(h, ctx.groups, ctx.router_logits, ctx.backend)
-        return self.mlp(h), None
+        return self.mlp(h, ctx.backend), None
 
     def forward(self, x, ctx: BlockContext, layer: int):
         """x [B, L, H] -> (x [B, L, H], router logits or None, route of the sequence-level MoE or None)."""

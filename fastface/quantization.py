@@ -58,8 +58,9 @@ class _Int8Buffers(nn.Module):
             for n in kept:
                 self._buffers[n] = self._buffers[n].view(torch.float32)
 
-    def linear(self, x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.int8_linear(x, w, bias, backend=self.backend)
+    def linear(self, x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+        return ops.int8_linear(x, w, bias, backend=backend or self.backend)
 
 
 class Int8Linear(_Int8Buffers):
@@ -71,8 +72,9 @@ class Int8Linear(_Int8Buffers):
         self._put("weight", quantize_weight(linear.weight.detach()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self._get("weight"), self.bias)
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """``backend``: of ``ops.int8_linear`` for this call (None: the module's own, set by ``set_backend``)."""
+        return self.linear(x, self._get("weight"), self.bias, backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -96,7 +98,7 @@ class Int8Experts(_Int8Buffers):
             self._put("shared_w1", quantize_weight(w1))
             self._put("shared_w2", quantize_weight(w2))
 
-    def forward(self, x, groups, router_weight, *, top_k, normalize_topk, return_router_logits=False):
+    def forward(self, x, groups, router_weight, *, top_k, normalize_topk, return_router_logits=False, backend=None):
         from fastface.torch_backend import sorted_moe
 
         gate_up, down = self._get("gate_up"), self._get("down")
@@ -108,7 +110,8 @@ class Int8Experts(_Int8Buffers):
                 return w1[g], w2[g]
 
         return sorted_moe(x, groups, router_weight, lambda g, e: (gate_up[g, e], down[g, e]), shared, top_k=top_k,
-                          normalize_topk=normalize_topk, return_router_logits=return_router_logits, linear=self.linear)
+                          normalize_topk=normalize_topk, return_router_logits=return_router_logits,
+                          linear=lambda h, w: self.linear(h, w, backend=backend))
 
 
 def quantize_int8(model) -> None:

@@ -194,6 +194,30 @@ def test_engine_generates_with_int8_weights_on_both_backends(tiny_checkpoint):
     assert isinstance(text[0], str)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_int8_layers_take_each_calls_backend(monkeypatch, dense):
+    """The engine passes its backend per call, as to attention and the MoE: a quantised copy of a model a reference
+    loop once ran (which leaves "reference" on its modules) still runs ``auto`` under an auto decoder, and the
+    reference under a reference one."""
+    from fastface import quantization
+    from fastface.decoding import Decoder
+    from fastface.prompts import t2i_prompt_ids
+
+    config = FaceConfig.from_name("tiny", mlp="dense", block="parallel", seq_moe=False) if dense else CFG
+    model = tiny_model(config)
+    model.set_backend("reference")
+    quantize_int8(model)
+    seen = []
+    real = quantization.ops.int8_linear
+    monkeypatch.setattr(quantization.ops, "int8_linear",
+                        lambda *a, backend, **k: seen.append(backend) or real(*a, backend=backend, **k))
+    ids = t2i_prompt_ids([[9, 10, 11]], config)
+    for backend in ("auto", "reference"):
+        seen.clear()
+        Decoder(model, backend).image_tokens(ids, steps=2, guidance=1.0, seeds=[0])
+        assert seen and set(seen) == {backend}, (backend, set(seen))
+
+
 def test_load_rejects_an_unknown_weight_format(tiny_checkpoint):
     with pytest.raises(ValueError, match="weights"):
         fastface.load(tiny_checkpoint, weights="int4")
