@@ -406,6 +406,8 @@ def markdown_report(result: dict) -> str:
                 lines[0] += ", " + what.format(gen[key])
         if gen.get("work") is not None and gen["work"] < 1:
             lines[0] += f" ({gen['work']:.0%} of exact decoding's work)"
+    if result.get("weights", "float") != "float":
+        lines[0] += f"; {result['weights']} weights"
     lines += ["", "| attribute | VQA accuracy | questions | generated: attribute shown | classifier on real renders "
               "| classifier on tokenizer round trip | prompts naming it |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ATTRIBUTES:

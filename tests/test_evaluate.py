@@ -209,6 +209,7 @@ def test_eval_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
     status = cli.main(["eval", "--model", str(ckpt), "--backend", "reference", "--num-faces", "2", "--steps", "2",
                        "--parts", "vqa", "--questions-per-face", "1", "--weights", "int8", "-o", str(out)])
     assert status == 0 and json.loads(out.read_text())["weights"] == "int8"
+    assert "int8 weights" in capsys.readouterr().out
 
 
 def test_generation_with_confidence_threshold_reports_steps_run(tiny_pipe, faces, capsys):
