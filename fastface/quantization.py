@@ -90,11 +90,10 @@ class Int8Experts(_Int8Buffers):
         self._put("down", quantize_weight(moe.down_proj.detach()))  # [G, E, H, F]
         self.shared = moe.shared_gate_up_proj is not None
         if self.shared:
-            gu, down = moe.shared_gate_up_proj.detach(), moe.shared_down_proj.detach()  # [G, S, 2Fs, H], [G, S, H, Fs]
-            G, S, F2, H = gu.shape
-            Fs = F2 // 2
-            w1 = torch.cat([gu[:, :, :Fs].reshape(G, S * Fs, H), gu[:, :, Fs:].reshape(G, S * Fs, H)], dim=1)
-            w2 = down.permute(0, 2, 1, 3).reshape(G, H, S * Fs)  # expert-major columns, as w1's rows
+            from fastface.torch_backend import pack_experts
+
+            # [G, S, 2Fs, H], [G, S, H, Fs] -> [G, 2 S Fs, H], [G, H, S Fs]: what the float sorted dispatch runs
+            w1, w2 = pack_experts(moe.shared_gate_up_proj.detach(), moe.shared_down_proj.detach())
             self._put("shared_w1", quantize_weight(w1))
             self._put("shared_w2", quantize_weight(w2))
 

@@ -33,6 +33,17 @@ _PACKED: dict = {}  # (id(gate_up_proj), group) -> (weakrefs of both weights, th
 _PACKED_MAX = 256
 
 
+def pack_experts(gate_up_proj, down_proj):
+    """n experts [n, 2F, H] / [n, H, F] as one FFN of width nF: W1 [2nF, H] (every gate, then every up) and
+    W2 [H, nF] (expert-major columns, as W1's rows). Leading dims before n are kept."""
+    *lead, n, F2, H = gate_up_proj.shape
+    Fe = F2 // 2
+    w1 = torch.cat([gate_up_proj[..., :Fe, :].reshape(*lead, n * Fe, H),
+                    gate_up_proj[..., Fe:, :].reshape(*lead, n * Fe, H)], dim=-2)
+    w2 = down_proj.transpose(-3, -2).reshape(*lead, H, n * Fe)
+    return w1.contiguous(), w2.contiguous()
+
+
 def _packed_experts(g: int, gate_up_proj, down_proj):
     """Group g's experts [G, n, 2F, H] / [G, n, H, F] side by side: W1 [2nF, H] (every gate, then every up) and W2
     [H, nF]; cached while the same weight tensors are alive and unchanged (identity and in-place version counter)."""
@@ -42,11 +53,7 @@ def _packed_experts(g: int, gate_up_proj, down_proj):
     hit = _PACKED.get(key)
     if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], weights)):
         return hit[2]
-    n, F2, H = gate_up_proj.shape[1:]
-    Fe = F2 // 2
-    w1 = torch.cat([gate_up_proj[g, :, :Fe].reshape(n * Fe, H), gate_up_proj[g, :, Fe:].reshape(n * Fe, H)])
-    w2 = down_proj[g].permute(1, 0, 2).reshape(H, n * Fe)  # [H, n*F], expert-major columns
-    packed = (w1.contiguous(), w2.contiguous())
+    packed = pack_experts(gate_up_proj[g], down_proj[g])
     if len(_PACKED) >= _PACKED_MAX:
         _PACKED.clear()
     _PACKED[key] = (tuple(weakref.ref(t) for t in weights), versions, packed)
