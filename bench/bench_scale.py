@@ -9,6 +9,8 @@ Three implementations of the same decoding, each case in its own process (so its
   for the cond and uncond rows, the LM head over the whole vocabulary at every position, then softmax,
   multinomial, confidence gather and Gumbel top-k masking with its compounding temperature (the peer);
 - ``reference`` -- fastface's reference loop (``fastface.sampling.generate_image_tokens``);
+- ``reference-fp32`` -- the same loop on float32 weights and activations whatever ``--dtype`` is (the baseline
+  the speed targets name: "auto bf16 >= 3x the reference" is against this one);
 - ``auto`` -- fastface's engine with the fastest backends here (``Decoder(model, "auto")``);
 - ``auto-int8`` -- the same with int8 attention, expert and MLP weights (``fastface.quantization``; opt-in, an
   approximation: its quality is measured on the embedded model by bench/bench_int8.py).
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_common import RESULTS, gemm_gflops, machine_info  # noqa: E402
 
-IMPLS = ("showo-loop", "reference", "auto", "auto-int8")
+IMPLS = ("showo-loop", "reference", "reference-fp32", "auto", "auto-int8")
 
 
 def build(preset: str, dtype: torch.dtype):
@@ -98,6 +100,8 @@ def run_case(preset: str, impl: str, batch: int, steps: int, guidance: float, dt
     from fastface.prompts import t2i_prompt_ids
     from fastface.sampling import generate_image_tokens
 
+    if impl == "reference-fp32":
+        dtype_name = "float32"
     dtype = getattr(torch, dtype_name)
     t0 = time.perf_counter()
     model = build(preset, dtype)
@@ -110,7 +114,7 @@ def run_case(preset: str, impl: str, batch: int, steps: int, guidance: float, dt
     if impl == "showo-loop":
         def decode(n):
             return showo_loop(model, ids, steps=n, guidance=guidance, seed=0)
-    elif impl == "reference":
+    elif impl in ("reference", "reference-fp32"):
         model.set_backend("reference")
 
         def decode(n):
@@ -181,11 +185,12 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{preset:12s} {impl:10s} b{batch}  {row['tokens_per_s']:8.1f} image tok/s  "
                       f"{row['seconds']:7.1f} s  peak {row['peak_rss_GiB']:5.1f} GiB", flush=True)
-    for row in rows:
-        base = next((r for r in rows if r.get("preset") == row.get("preset") and r.get("batch") == row.get("batch")
-                     and r.get("impl") == "showo-loop" and "tokens_per_s" in r), None)
-        if base is not None and "tokens_per_s" in row:
-            row["x_showo_loop"] = row["tokens_per_s"] / base["tokens_per_s"]
+    for row in rows:  # each impl against the peer and both reference loops of its case
+        for base_impl in ("showo-loop", "reference", "reference-fp32"):
+            base = next((r for r in rows if r.get("preset") == row.get("preset") and r.get("batch") == row.get("batch")
+                         and r.get("impl") == base_impl and "tokens_per_s" in r), None)
+            if base is not None and "tokens_per_s" in row:
+                row["x_" + base_impl.replace("-", "_")] = row["tokens_per_s"] / base["tokens_per_s"]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = Path(args.out) if args.out else RESULTS / f"scale-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

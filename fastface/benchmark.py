@@ -128,6 +128,48 @@ def question_ids(config: FaceConfig, batch: int, seed: int = 0) -> torch.Tensor:
     return mmu_prompt_ids(img, qs, config)
 
 
+# ------------------------------------------------------------------------------------------------ work
+
+def generate_flops(config: FaceConfig, batch: int, steps: int, guidance: float) -> dict[str, int]:
+    """Matrix-multiply FLOPs (2 per multiply-add) of one exact text-to-image generation by the engine.
+
+    The engine's work, not a full forward per step: the conditional prompts are prefilled once (the
+    unconditional prefix is cached per model), every step runs the image segment (``<soi>``, N image tokens,
+    ``<eoi>``) of every row (cond and uncond when guided) through every layer, attending to the whole sequence,
+    and the LM head over the codebook columns at the still-masked positions only. MoE layers count their routed
+    experts (top-k per token), shared experts and router; dense layers their MLP. Norms, rotary, softmax and the
+    sampler are left out: they are not matmuls. Parts: ``prefill``, ``projections`` (q, k, v, out), ``mlp``,
+    ``attention`` (scores and values), ``head``, and ``total``.
+    """
+    from fastface.ops.masked_decode import scheduled_mask_len
+
+    cfg, H = config, config.hidden_size
+    rows = batch * (2 if guidance else 1)
+    N, P = cfg.image_tokens, cfg.max_text_len
+    segment = N + 2
+    proj = 2 * 4 * H * H
+    if cfg.mlp == "moe":
+        mlp = 2 * 3 * H * (cfg.top_k * cfg.expert_ffn_size + cfg.num_shared_experts * cfg.shared_ffn_size)
+        mlp += 2 * H * cfg.num_experts  # router
+    else:
+        mlp = 2 * (3 if cfg.mlp_activation == "swiglu" else 2) * H * cfg.dense_ffn_size
+    keys = P + segment
+    masked, heads = N, 0
+    for step in range(steps):  # the head reads the positions still masked at each step
+        heads += masked
+        masked = int(scheduled_mask_len(N, torch.tensor([masked]), step, steps)[0])
+    L = cfg.num_layers
+    parts = {
+        "prefill": batch * P * L * (proj + mlp),
+        "projections": steps * rows * segment * L * proj,
+        "mlp": steps * rows * segment * L * mlp,
+        "attention": steps * rows * segment * L * 2 * 2 * keys * H,
+        "head": rows * heads * 2 * H * cfg.codebook_size,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 # ------------------------------------------------------------------------------------------------ runners
 
 
@@ -226,6 +268,7 @@ def run_cases(subject: Subject, *, backends_, dtypes, batches, steps, guidance, 
                        guidance=guidance, math_dtype=str(model.dtype).removeprefix("torch."),
                        **_summary(secs, batch * cfg.image_tokens))
             row["latency_per_request_s"] = row["median_s"]  # a batch's requests finish together
+            row["gflop"] = generate_flops(cfg, batch, steps, guidance)["total"] / 1e9
             if breakdown and backend != "reference":
                 row["breakdown_s"] = _generate_breakdown(subject, model, backend, ids, steps, guidance, seeds,
                                                          holders[backend, dtype, w]["tokens"])
@@ -539,6 +582,11 @@ def run(args) -> int:
                         guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, answer=not args.no_answer,
                         progress=progress, weights=args.weights)
     bar.close()
+    for r in results:  # the engine's matmul rate against torch's GEMM peak in the math dtype, measured here
+        peak = info["gemm_gflops"].get(r.get("math_dtype", ""))
+        if "gflop" in r and peak and r.get("weights", "float") == "float":
+            r["gflops_per_s"] = round(r["gflop"] / r["median_s"], 2)
+            r["gemm_peak_fraction"] = round(r["gflop"] / r["median_s"] / peak, 4)
     report = dict(machine=info, model=subject.source, config=subject.config.to_dict(), results=results)
     if engine_backends and args.thresholds:
         report["threshold_decoding"] = threshold_study(
@@ -557,6 +605,10 @@ def run(args) -> int:
             total = sum(r["breakdown_s"].values())
             parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in r["breakdown_s"].items())
             print(f"breakdown {label(r)} b{r['batch']}: {parts}")
+    for r in results:
+        if "gemm_peak_fraction" in r:
+            print(f"matmul rate {label(r)} b{r['batch']}: {r['gflops_per_s']:.0f} GFLOP/s, "
+                  f"{100 * r['gemm_peak_fraction']:.0f}% of torch's {r['math_dtype']} GEMM peak here")
     for row in report.get("threshold_decoding", []):
         print(f"threshold {row['threshold']}: {row['steps_run']}/{row['steps']} steps, "
               f"agreement with the schedule {row['token_agreement_with_schedule']:.3f}")

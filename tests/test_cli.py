@@ -140,6 +140,11 @@ def test_bench_writes_json_and_plot(tiny_checkpoint, tmp_path, capsys):
         assert "speedup_vs_reference" in r
         if r["backend"] != "reference" and r["task"] == "generate":
             assert {"attention", "moe", "lm_head", "sampler"} <= set(r["breakdown_s"])
+    for r in rows:
+        if r["task"] == "generate":
+            peak = report["machine"]["gemm_gflops"][r["math_dtype"]]
+            assert r["gflop"] > 0 and r["gemm_peak_fraction"] == pytest.approx(r["gflops_per_s"] / peak, abs=1e-3)
+    assert "GEMM peak" in stdout
     assert report["threshold_decoding"][0]["steps_run"] <= 2
     assert 0 <= report["bf16_agreement"]["token_agreement"] <= 1
     with Image.open(png) as img:
