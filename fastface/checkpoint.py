@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 MODEL_TYPE = "fastface"
 CONFIG_FIELDS = {"format_version", "model_type", "dtype", "model", "image_tokenizer", "embedder"}
 EMBEDDER_FILE = "facetext.safetensors"  # the understanding embeddings' model (e_sem, e_id), when a checkpoint has one
-TOWER_FILE = "faceptor.safetensors"  # its image tower
+TOWER_FILE = "facetext_tower.safetensors"  # its image tower (a locked Faceptor, kept apart from the perception model)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

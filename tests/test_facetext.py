@@ -228,10 +228,14 @@ def embedded_checkpoint(tmp_path, tower):
 
 def test_checkpoint_keeps_its_embedder(embedded_checkpoint, faces):
     import fastface
-    from fastface.checkpoint import load_checkpoint, load_embedder
+    from fastface.checkpoint import TOWER_FILE, load_checkpoint, load_embedder
 
     cfg = json.loads((embedded_checkpoint / "config.json").read_text())
     assert cfg["embedder"] == "facetext.safetensors"
+    # the embedder's locked tower has a file of its own, apart from a perception model the directory may ship
+    tower_cfg = json.loads((embedded_checkpoint / "facetext.json").read_text())
+    assert tower_cfg["image_tower"] == TOWER_FILE == "facetext_tower.safetensors"
+    assert (embedded_checkpoint / TOWER_FILE).is_file() and not (embedded_checkpoint / "faceptor.safetensors").exists()
     _, _, _, config = load_checkpoint(embedded_checkpoint)
     emb = load_embedder(embedded_checkpoint, config)
     pipe = fastface.load(embedded_checkpoint, backend="reference")
