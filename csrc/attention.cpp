@@ -132,8 +132,8 @@ bool task_scalar(const Task<In, Out>& t, const Mask& m, int64_t b, int64_t h, st
       _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[i][v] = MADD(acc[i][v], av, bv[v]); \
     }                                                                                       \
   }                                                                                         \
-  for (int i = 0; i < NQ; ++i)                                                              \
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < NQ; ++i)                                      \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
 
 FF_AVX512 inline __m512 f32_load(const float* p) { return _mm512_loadu_ps(p); }
 FF_AVX512 inline __m512 f32_bcast(float x) { return _mm512_set1_ps(x); }
