@@ -91,7 +91,7 @@ def test_layer_attention_is_a_distribution_and_learns(tiny, pairs):
     w = tiny.layer_weights()
     assert set(w) == {*TASKS, "pixel"}
     for v in w.values():
-        assert v.shape == (tiny.config.n_layers,) and float(v.sum()) == pytest.approx(1.0)
+        assert v.shape == (tiny.config.n_layers,) and float(v.detach().sum()) == pytest.approx(1.0)
     model = Faceptor.from_name("tiny").train()
     out = model(model.to_input(torch.from_numpy(pairs["images"][:4])), tasks=("identity",))
     out["identity"].sum().backward()
