@@ -108,11 +108,12 @@ def save_weights(file, state_dict: Mapping[str, torch.Tensor], *, config: dict |
     return atomic_write(file, lambda p: save_file(state, str(p), metadata=metadata))
 
 
-def save_module(file, module: torch.nn.Module, config: dict) -> Path:
-    """A small saved model: its weights in ``file`` (config in the metadata) and the config beside it as
-    ``<stem>.json``, each written atomically. Returns ``file``."""
+def save_module(file, module: torch.nn.Module, config: dict, *, dtype: torch.dtype | None = None) -> Path:
+    """A small saved model: its weights in ``file`` (config in the metadata; floating tensors stored in ``dtype``
+    when given, e.g. bfloat16 to halve a shipped file) and the config beside it as ``<stem>.json``, each written
+    atomically. Returns ``file``."""
     file = Path(file)
-    save_weights(file, module.state_dict(), config=config)
+    save_weights(file, module.state_dict(), config=config, dtype=dtype)
     write_json(file.with_suffix(".json"), config)
     return file
 
@@ -258,11 +259,13 @@ def load_module(file, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Load a small saved model without allocating it before its file is checked: ``build()`` runs once on the meta
     device (a skeleton: the expected tensors and the size), the memory estimate (the module plus the tensors read
     from the file) is checked, the file is read and checked against the skeleton, and only then ``build()`` runs
-    for real and takes the tensors. Raises ``CheckpointError``."""
+    for real and takes the tensors. Floating tensors may be stored in any floating dtype (``save_module(dtype=)``)
+    and come back in the module's; integer and bool tensors must match. Raises ``CheckpointError``."""
     with torch.device("meta"):
         skeleton = build()
     check_memory(2 * module_nbytes(skeleton), str(file))
-    tensors = load_weights(file, skeleton)
+    floating = {t.dtype for t in skeleton.state_dict().values() if t.is_floating_point()}
+    tensors = load_weights(file, skeleton, dtype=floating.pop() if len(floating) == 1 else None)
     module = build()
     module.load_state_dict(tensors)
     return module

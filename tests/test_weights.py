@@ -201,7 +201,9 @@ def test_shipped_weight_files_pass_the_checks():
     assert set(load_weights(folder / "image_tokenizer.safetensors", vq)) == set(vq.state_dict())
     clf = AttributeClassifier(PerceptionConfig.from_dict(
         stored_config(DEFAULT_PATH, legacy_keys=("fastface_perception_config",))))
-    assert set(load_weights(DEFAULT_PATH, clf)) == set(clf.state_dict())
+    got = load_weights(DEFAULT_PATH, clf, dtype=torch.float32)  # stored in bf16 (the package budget), read as fp32
+    assert set(got) == set(clf.state_dict()) and {t.dtype for t in got.values() if t.is_floating_point()} == {
+        torch.float32}
     from fastface.config import FaceConfig
     from fastface.model import FaceTransformer
 
@@ -212,3 +214,27 @@ def test_shipped_weight_files_pass_the_checks():
     assert set(got) == set(skeleton.state_dict()) and {t.dtype for t in got.values()} == {torch.float32}
     with pytest.raises(CheckpointError, match="dtype torch.bfloat16, expected torch.float32"):
         load_weights(folder / "model.safetensors", skeleton)  # no requested dtype: the stored one must match
+
+
+def test_save_module_stores_a_dtype_and_load_module_reads_it_back_in_the_modules(tmp_path):
+    """``save_module(dtype=bf16)`` halves the file; ``load_module`` returns the module's own float dtype, values
+    rounded once, and integer buffers (BatchNorm's counter) untouched."""
+    from fastface.weights import load_module, save_module
+
+    torch.manual_seed(0)
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256))
+
+    module = build()
+    module[1].num_batches_tracked.fill_(7)
+    size_full = save_module(tmp_path / "m.safetensors", module, {"kind": "test"}).stat().st_size
+    half = save_module(tmp_path / "h.safetensors", module, {"kind": "test"}, dtype=torch.bfloat16)
+    assert half.stat().st_size < 0.6 * size_full
+    back = load_module(half, build)
+    for (k, a), b in zip(module.state_dict().items(), back.state_dict().values()):
+        assert b.dtype == a.dtype, k
+        if a.is_floating_point():
+            assert torch.equal(b, a.to(torch.bfloat16).float()), k
+        else:
+            assert torch.equal(b, a), k

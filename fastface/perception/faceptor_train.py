@@ -349,10 +349,13 @@ def run_state(out: Path) -> tuple[Faceptor, dict]:
     return model.eval(), meta
 
 
-def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Perceptor:
+def export_run(run: Path, to: Path, *, faces: int = 1000, dtype: torch.dtype | None = None, log=print) -> Perceptor:
     """Write run ``run``'s weights to ``to`` with the verification threshold at FAR 1% and the held-out metrics
-    (``faces`` renders of unseen people) in its config; returns the exported Perceptor."""
+    (``faces`` renders of unseen people) in its config; returns the exported Perceptor. ``dtype``: store the
+    floating tensors in it (bfloat16 halves the file); the metrics are then measured on the rounded weights."""
     model, meta = run_state(run)
+    if dtype is not None:
+        model = model.to(dtype).float()  # the weights as they will be read back
     data = held_out_pairs(faces)
     metrics = evaluate(model, data)
     if CLASSIFIER_PATH.is_file():  # the judge: the Faceptor where it reads an attribute at least as well
@@ -364,7 +367,7 @@ def export_run(run: Path, to: Path, *, faces: int = 1000, log=print) -> Percepto
     model.config.verify_threshold = round(metrics["verification"]["threshold"], 6)
     model.config.metrics = {**metrics, "steps": meta["step"], "settings": meta["settings"]}
     perceptor = Perceptor(model)
-    perceptor.save(to)
+    perceptor.save(to, dtype=dtype)
     log(f"wrote {to}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return perceptor
 
@@ -428,6 +431,8 @@ def _main(argv=None) -> int:
     p.add_argument("--threads", type=arg_positive_int, default=1)
     p.add_argument("--export", default=None, metavar="RUN", help="write RUN's weights to --to with measured metrics")
     p.add_argument("--to", default=None, help="safetensors file for --export")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--export: the stored dtype of the weights (loaded as float32 either way)")
     p.add_argument("--eval", default=None, metavar="FILE_OR_RUN", help="held-out metrics of a model file or run")
     p.add_argument("--faces", type=arg_positive_int, default=1000, help="held-out faces for --eval / --export")
     p.add_argument("--markdown", action="store_true", help="--eval prints markdown tables instead of JSON")
@@ -453,7 +458,8 @@ def _main(argv=None) -> int:
     if args.export:
         if args.to is None:
             p.error("--export needs --to FILE.safetensors")
-        export_run(Path(args.export), Path(args.to), faces=args.faces)
+        export_run(Path(args.export), Path(args.to), faces=args.faces,
+                   dtype=torch.bfloat16 if args.store_dtype == "bfloat16" else None)
     if args.eval:
         path = Path(args.eval)
         model = run_state(path)[0] if path.is_dir() else Perceptor.load(path).model

@@ -149,10 +149,10 @@ class AttributeClassifier(nn.Module):
             raise ValueError(f"unknown perception preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(PerceptionConfig(**{**PRESETS[name], **overrides}))
 
-    def save(self, path) -> Path:
-        """Write the weights to ``path`` (.safetensors, config JSON in its metadata) and the config beside it
-        (``<stem>.json``), each atomically (``fastface.weights``)."""
-        return save_module(path, self, self.config.to_dict())
+    def save(self, path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the weights to ``path`` (.safetensors, config JSON in its metadata; floating tensors stored in
+        ``dtype`` when given) and the config beside it (``<stem>.json``), each atomically (``fastface.weights``)."""
+        return save_module(path, self, self.config.to_dict(), dtype=dtype)
 
     @classmethod
     def load(cls, path=None) -> AttributeClassifier:

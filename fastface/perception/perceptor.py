@@ -135,8 +135,9 @@ class Perceptor:
                           "fastface.perception.faceptor_train --train --out RUN`, then --export RUN")
         return cls(load_module(path, lambda: Faceptor(cfg)), dtype=dtype)
 
-    def save(self, path) -> Path:
-        return save_module(path, self.model, self.config.to_dict())
+    def save(self, path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the model to ``path`` (floating tensors stored in ``dtype`` when given; loaded as float32)."""
+        return save_module(path, self.model, self.config.to_dict(), dtype=dtype)
 
     # ---------------------------------------------------------------------------------------- inference
     @torch.no_grad()
