@@ -126,8 +126,9 @@ def _auto_order(op: str, device_type: str, dtype) -> tuple[str, ...]:
         if dtype == torch.bfloat16:
             # bf16 on the CPU: each routed expert on its own tokens through torch's matmul (the CPU's bf16 matrix
             # units), the routed FLOPs only. One layer over 2064 tokens (batch 4 with guidance), 2 threads, a 2-core
-            # EPYC with AVX512-BF16: face-s 7.3 ms against 10.4 ms for the cpp kernel; the moe-507m shape 108 vs
-            # 117 ms (both near the bf16 GEMM peak); every expert densely (the earlier rule) took 1.4x and 2.0x the
+            # EPYC with AVX512-BF16: face-s 8.2 ms against 8.6 ms for the cpp kernel; the moe-507m shape 115 vs
+            # 119 ms (both near the bf16 GEMM peak; before the cpp kernel's accumulators stayed in registers: 7.3 vs
+            # 10.4 and 108 vs 117 ms); every expert densely (the earlier rule) took 1.4x and 2.0x the
             # sorted dispatch's time at the two shapes (side by side, cores shared with another job). Not token-exact
             # with the reference (another arithmetic order): bf16 only.
             return ("torch", "cpp", "reference")
