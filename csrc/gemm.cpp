@@ -165,6 +165,15 @@ void act_mul_scalar(const float* gate, const float* up, int64_t n, Act a, bf16* 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+// C[i * ldc + j] = hsum(acc[i][j]), one output at a time (the AVX2 micro-kernels).
+template <class V, int MR, int NR, class Sum>
+static inline void store_each_sum(V (&acc)[MR][NR], float* C, int64_t ldc, Sum hsum) {
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
+}
+
 struct Avx2F32 {
   using in_t = float;
   using V = __m256;
@@ -185,10 +194,7 @@ struct Avx2F32 {
     return _mm_cvtss_f32(s);
   }
   template <int MR, int NR>
-  static void store_sums(V (&acc)[MR][NR], float* C, int64_t ldc) {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
-  }
+  static void store_sums(V (&acc)[MR][NR], float* C, int64_t ldc) { store_each_sum(acc, C, ldc, hsum); }
   FASTFACE_MICRO_KERNEL
 };
 
@@ -209,10 +215,7 @@ struct Avx2Bf16 {  // bf16 inputs widened to fp32, FMA
   static V madd(V acc, L a, L b) { return _mm256_fmadd_ps(a, b, acc); }
   static float hsum(V v) { return Avx2F32::hsum(v); }
   template <int MR, int NR>
-  static void store_sums(V (&acc)[MR][NR], float* C, int64_t ldc) {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
-  }
+  static void store_sums(V (&acc)[MR][NR], float* C, int64_t ldc) { store_each_sum(acc, C, ldc, hsum); }
   FASTFACE_MICRO_KERNEL
 };
 
